@@ -1,0 +1,76 @@
+"""The Starlette application: routes, and a lifespan that owns the ledger."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from standardwebhooks.webhooks import Webhook
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from receiver.ledger import LedgerUnavailable, open_ledger
+from receiver.routes import api, callbacks
+from receiver.routes._responses import error, http_error
+from receiver.settings import Settings
+from receiver.stats import Stats
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("receiver.app")
+
+
+async def healthz(request: Request) -> Response:
+    """The process is alive."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """The process can do its work: the database answers."""
+    try:
+        await request.app.state.ledger.ping()
+    except LedgerUnavailable as exc:
+        return JSONResponse({"status": "unavailable", "reason": str(exc)}, 503)
+    return JSONResponse({"status": "ready"})
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return error(500, "internal_error", "Something went wrong on our side; nothing was lost.")
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the app for these settings; the ledger opens when the lifespan starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with open_ledger(settings.database_url) as ledger:
+            app.state.ledger = ledger
+            log.info("ready", extra={"public_url": settings.public_url})
+            yield
+        log.info("stopped")
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            *callbacks.routes,
+            Mount(
+                "/api",
+                routes=api.routes,
+                middleware=[Middleware(api.AdminAuth, token=settings.secret("admin_token"))],
+            ),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.stats = Stats()
+    secret = settings.kling_webhook_secret
+    app.state.webhook = Webhook(secret.get_secret_value()) if secret else None
+    return app

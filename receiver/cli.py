@@ -1,0 +1,94 @@
+"""The `kling-receiver` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from receiver import tokens
+from receiver._logging import configure_logging
+from receiver.settings import ConfigError, Settings, load_settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("receiver.cli")
+
+
+def serve(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the web app (and, later, its in-process workers) until SIGTERM or SIGINT."""
+    import uvicorn
+
+    from receiver.app import create_app
+
+    configure_logging(settings.log_level)
+    if settings.generated_secrets:
+        log.info(
+            "using generated secrets",
+            extra={
+                "names": [name.upper() for name in settings.generated_secrets],
+                "file": str(settings.secrets_path.resolve()),
+            },
+        )
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def callback_url(settings: Settings, args: argparse.Namespace) -> int:
+    """Print a callback URL to paste into a task submitted by hand."""
+    if args.external_task_id:
+        ref = tokens.task_ref(args.external_task_id)
+    else:
+        ref = tokens.new_channel_ref()
+    path = tokens.callback_path(settings.secret("callback_secret"), ref, args.action)
+    print(settings.public_url + path)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kling-receiver",
+        description="Receive Kling task callbacks and archive every generated file.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("serve", help="run the web service on HOST:PORT")
+    run.set_defaults(handler=serve)
+
+    url = commands.add_parser(
+        "callback-url", help="print a callback URL for a task submitted by hand"
+    )
+    url.add_argument(
+        "--action", help="the task's action/action2, e.g. videos/text2video, so it can be queried"
+    )
+    url.add_argument(
+        "--external-task-id",
+        help="bind the URL to the one task submitted with this external_task_id",
+    )
+    url.set_defaults(handler=callback_url)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        return int(args.handler(settings, args))
+    except (ConfigError, ValueError) as exc:
+        print(f"kling-receiver: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

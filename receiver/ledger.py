@@ -1,0 +1,215 @@
+"""The ledger: durable tasks, their deliveries and their assets, and the rules that move them.
+
+The rules are plain functions here, so every database backend applies them the
+same way; a backend (`receiver._sqlite`, later PostgreSQL) only stores and locks.
+
+Exceptions::
+
+    LedgerError
+    └── LedgerUnavailable   the database cannot be opened or does not answer
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+from receiver.models import (
+    CallbackRef,
+    EventRecord,
+    KlingTask,
+    Source,
+    TaskRecord,
+    TaskStatus,
+)
+
+__all__ = [
+    "Applied",
+    "Ledger",
+    "LedgerError",
+    "LedgerUnavailable",
+    "Outcome",
+    "StateKey",
+    "TaskPage",
+    "Update",
+    "binding_conflict",
+    "moves_forward",
+    "open_ledger",
+]
+
+
+class LedgerError(Exception):
+    """Root of the ledger's errors."""
+
+
+class LedgerUnavailable(LedgerError):
+    """The database cannot be opened or does not answer."""
+
+
+class Outcome(enum.StrEnum):
+    """What applying one delivery did."""
+
+    moved = "moved"  # new delivery; the task's state moved forward
+    kept = "kept"  # new delivery, recorded; the state stays (older, lower or unknown status)
+    duplicate = "duplicate"  # the same bytes were recorded before; only counted
+    refused = "refused"  # the callback URL belongs to another task; nothing recorded
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One delivery of a task object, from whatever source, with the bytes it came as."""
+
+    task: KlingTask
+    body: bytes
+    source: Source
+    received_at: str
+    ref: CallbackRef | None = None
+    action: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    remote: str | None = None
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.body).hexdigest()
+
+    @property
+    def effective_action(self) -> str | None:
+        return self.action or (self.ref.action if self.ref else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The ledger's answer to an update."""
+
+    outcome: Outcome
+    status: TaskStatus | None = None
+    assets_created: int = 0
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    tasks: list[TaskRecord]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StateKey:
+    """What orders deliveries: status rank, then Kling's updated_at, then the body's digest."""
+
+    status: TaskStatus | None
+    kling_updated_at: int | None
+    digest: str
+
+
+def moves_forward(current: StateKey | None, incoming: StateKey) -> bool:
+    """Whether `incoming` replaces `current`; any order of deliveries ends the same.
+
+    Unknown statuses never move a task; terminal states are final; among
+    non-terminal deliveries the higher rank wins, then the later `updated_at`, then
+    (so that duplicates with equal times still agree) the larger body digest.
+    """
+    if incoming.status is None:
+        return False
+    if current is None or current.status is None:
+        return True
+    if current.status.terminal:
+        return False
+
+    def order(key: StateKey) -> tuple[int, int, str]:
+        assert key.status is not None
+        return (
+            key.status.rank,
+            -1 if key.kling_updated_at is None else key.kling_updated_at,
+            key.digest,
+        )
+
+    return order(incoming) > order(current)
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """What the ledger knows of a task's identity, for the credential check."""
+
+    task_id: str | None
+    external_task_id: str | None
+    callback_ref: str | None
+
+
+def binding_conflict(
+    ref: CallbackRef | None, task: KlingTask, by_task_id: Binding | None, by_ref: Binding | None
+) -> str | None:
+    """Why a delivery through `ref` may not speak for `task`, or None when it may.
+
+    A URL made for one task speaks only for that task; a task bound to one URL
+    accepts callbacks through that URL only. Updates not from a callback URL
+    (polls, submissions) are never refused here.
+    """
+    if ref is None:
+        return None
+    if by_task_id is not None and by_task_id.callback_ref not in (None, ref.ref):
+        return "this task reports to another callback URL"
+    expected = ref.external_task_id
+    if expected is None:
+        return None
+    if task.external_task_id not in (None, expected):
+        return "this callback URL was made for another task (external_task_id differs)"
+    if by_ref is not None and by_ref.task_id not in (None, task.task_id):
+        return "this callback URL belongs to another task"
+    if by_task_id is not None and by_task_id.external_task_id not in (None, expected):
+        return "this task was submitted under another external_task_id"
+    return None
+
+
+class Ledger(Protocol):
+    """What the web app, workers and poller need from the database."""
+
+    async def apply(self, update: Update) -> Applied:
+        """Record a delivery and move its task forward; committed before it returns."""
+        ...
+
+    async def task(self, task_id: str) -> TaskRecord | None: ...
+
+    async def tasks(
+        self,
+        *,
+        status: TaskStatus | None = None,
+        archived: bool | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> TaskPage:
+        """Tasks, newest first, a page at a time."""
+        ...
+
+    async def events(self, task_id: str) -> list[EventRecord] | None:
+        """A task's distinct deliveries, oldest first; None for an unknown task."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise `LedgerUnavailable` unless the database answers."""
+        ...
+
+
+@asynccontextmanager
+async def open_ledger(database_url: str) -> AsyncIterator[Ledger]:
+    """Open the ledger named by DATABASE_URL, creating or migrating its schema."""
+    from receiver._sqlite import SQLiteLedger
+
+    async with SQLiteLedger(sqlite_path(database_url)) as ledger:
+        yield ledger
+
+
+def sqlite_path(database_url: str) -> Path:
+    """The file of a `sqlite:///relative` or `sqlite:////absolute` URL."""
+    parts = urlsplit(database_url)
+    if parts.scheme != "sqlite" or parts.netloc or not parts.path:
+        raise LedgerUnavailable(
+            f"DATABASE_URL must look like sqlite:///data/kling-receiver.db, got {parts.scheme}:…"
+        )
+    return Path(unquote(parts.path[1:]))

@@ -1,0 +1,153 @@
+"""The read API under /api, for people and integrations holding ADMIN_TOKEN."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from receiver.ledger import Ledger
+from receiver.models import AssetRecord, EventRecord, TaskRecord, TaskStatus
+from receiver.routes._responses import error
+
+__all__ = ["AdminAuth", "routes", "task_json"]
+
+MAX_PAGE = 200
+
+
+class AdminAuth:
+    """Lets a request through only with `Authorization: Bearer <ADMIN_TOKEN>`."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not hmac.compare_digest(given, self.expected):
+                response = error(
+                    401,
+                    "unauthorized",
+                    "Send the ADMIN_TOKEN as `Authorization: Bearer <token>`.",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def asset_json(asset: AssetRecord) -> dict[str, Any]:
+    return {
+        "kind": asset.kind,
+        "index": asset.index,
+        "url": asset.url,
+        "state": asset.state,
+        "location": asset.location,
+        "sha256": asset.sha256,
+        "size": asset.size,
+        "content_type": asset.content_type,
+        "attempts": asset.attempts,
+        "error": asset.error,
+        "stored_at": asset.stored_at,
+    }
+
+
+def task_json(task: TaskRecord) -> dict[str, Any]:
+    return {
+        "task_id": task.task_id,
+        "action": task.action,
+        "status": task.status,
+        "status_msg": task.status_msg,
+        "external_task_id": task.external_task_id,
+        "created_at": task.created_at,
+        "updated_at": task.updated_at,
+        "kling_updated_at": task.kling_updated_at,
+        "learned_from": task.terminal_source,
+        "updates": task.updates,
+        "archived": task.archived,
+        "archived_at": task.archived_at,
+        "assets": [asset_json(asset) for asset in task.assets],
+    }
+
+
+def event_json(event: EventRecord) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "source": event.source,
+        "status": event.status,
+        "received_at": event.received_at,
+        "last_received_at": event.last_received_at,
+        "times_received": event.times_received,
+        "applied": event.applied,
+        "remote": event.remote,
+        "headers": event.headers,
+        "body": event.body.decode("utf-8", "replace"),
+    }
+
+
+def _ledger(request: Request) -> Ledger:
+    ledger: Ledger = request.app.state.ledger
+    return ledger
+
+
+def _no_task(task_id: str) -> Response:
+    return error(404, "unknown_task", f"No task {task_id!r} is recorded here.")
+
+
+async def get_task(request: Request) -> Response:
+    task_id = request.path_params["task_id"]
+    task = await _ledger(request).task(task_id)
+    return _no_task(task_id) if task is None else JSONResponse(task_json(task))
+
+
+async def list_events(request: Request) -> Response:
+    task_id = request.path_params["task_id"]
+    events = await _ledger(request).events(task_id)
+    if events is None:
+        return _no_task(task_id)
+    return JSONResponse({"task_id": task_id, "events": [event_json(e) for e in events]})
+
+
+async def list_tasks(request: Request) -> Response:
+    query = request.query_params
+    try:
+        status = TaskStatus(query["status"]) if query.get("status") else None
+    except ValueError:
+        choices = ", ".join(s.value for s in TaskStatus)
+        return error(400, "bad_query", f"status must be one of {choices}.")
+    archived = query.get("archived")
+    if archived not in (None, "", "true", "false"):
+        return error(400, "bad_query", "archived must be true or false.")
+    limit_text = query.get("limit") or "50"
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
+        return error(400, "bad_query", f"limit must be a whole number from 1 to {MAX_PAGE}.")
+    try:
+        page = await _ledger(request).tasks(
+            status=status,
+            archived=None if not archived else archived == "true",
+            limit=int(limit_text),
+            cursor=query.get("cursor") or None,
+        )
+    except ValueError as exc:
+        return error(400, "bad_query", f"{exc}.")
+    return JSONResponse(
+        {"tasks": [task_json(task) for task in page.tasks], "next_cursor": page.next_cursor}
+    )
+
+
+async def stats(request: Request) -> Response:
+    return JSONResponse(request.app.state.stats.as_dict())
+
+
+routes = [
+    Route("/tasks", list_tasks),
+    Route("/tasks/{task_id}", get_task),
+    Route("/tasks/{task_id}/events", list_events),
+    Route("/stats", stats),
+]

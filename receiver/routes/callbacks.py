@@ -1,0 +1,168 @@
+"""The callback endpoint: check, record durably, answer. Nothing slow happens here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from receiver import tokens
+from receiver._clock import utc_now
+from receiver.ledger import Ledger, LedgerUnavailable, Outcome, Update
+from receiver.models import PayloadError, Source, parse_task
+from receiver.routes._responses import error
+from receiver.settings import Settings
+
+__all__ = ["routes"]
+
+log = logging.getLogger("receiver.callbacks")
+
+# Headers kept with each delivery; anything else (cookies, auth) is not ours to keep.
+KEPT_HEADERS = (
+    "content-type",
+    "user-agent",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "x-forwarded-for",
+    "x-real-ip",
+    "x-request-id",
+)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def receive(request: Request) -> Response:
+    """Authenticate a delivery by its URL (and signature), record it, answer at once."""
+    started = time.perf_counter()
+    settings: Settings = request.app.state.settings
+    remote = request.client.host if request.client else None
+
+    def refuse(status_code: int, code: str, message: str, **fields: object) -> Response:
+        request.app.state.stats.refused[code] += 1
+        log.warning(
+            "delivery refused",
+            extra={
+                "outcome": "refused",
+                "reason": code,
+                "remote": remote,
+                "latency_ms": _ms(started),
+                **fields,
+            },
+        )
+        return error(status_code, code, message)
+
+    params = request.path_params
+    action = f"{params['action']}/{params['action2']}" if "action" in params else None
+    ref = tokens.verify(settings.secret("callback_secret"), params["ref"], params["sig"], action)
+    if ref is None:
+        return refuse(
+            404,
+            "unknown_callback_url",
+            "No callback endpoint at this URL: use a URL printed by "
+            "`kling-receiver callback-url` or given at submission.",
+        )
+
+    limit = settings.max_callback_bytes
+    try:
+        body = await _read_body(request, limit)
+    except _TooLarge:
+        return refuse(
+            413, "body_too_large", f"The body is larger than the {limit} bytes a callback may have."
+        )
+
+    webhook: Webhook | None = request.app.state.webhook
+    if webhook is not None:
+        try:
+            webhook.verify(body, dict(request.headers), json_parse=False)
+        except (WebhookVerificationError, ValueError) as exc:
+            return refuse(
+                401, "bad_signature", f"The Standard Webhooks signature does not check out: {exc}."
+            )
+
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        return refuse(400, "bad_json", "The body is not UTF-8 text, so it cannot be JSON.")
+    except ValueError as exc:
+        return refuse(400, "bad_json", f"The body is not valid JSON ({exc}).")
+    try:
+        task = parse_task(data)
+    except PayloadError as exc:
+        return refuse(422, "bad_shape", str(exc))
+
+    update = Update(
+        task=task,
+        body=body,
+        source=Source.callback,
+        received_at=utc_now(),
+        ref=ref,
+        headers={name: request.headers[name] for name in KEPT_HEADERS if name in request.headers},
+        remote=remote,
+    )
+    ledger: Ledger = request.app.state.ledger
+    try:
+        applied = await ledger.apply(update)
+    except LedgerUnavailable as exc:
+        log.error("delivery not recorded", extra={"task_id": task.task_id, "error": str(exc)})
+        return error(
+            503,
+            "ledger_unavailable",
+            "The delivery could not be recorded right now; send it again later.",
+        )
+    if applied.outcome is Outcome.refused:
+        return refuse(401, "wrong_task", f"Refused: {applied.reason}.", task_id=task.task_id)
+
+    request.app.state.stats.deliveries[applied.outcome.value] += 1
+    log.info(
+        "delivery",
+        extra={
+            "task_id": task.task_id,
+            "status": task.task_status,
+            "outcome": applied.outcome.value,
+            "task_state": applied.status,
+            "assets_created": applied.assets_created,
+            "source": Source.callback.value,
+            "callback_ref": ref.ref,
+            "remote": remote,
+            "latency_ms": _ms(started),
+        },
+    )
+    return JSONResponse(
+        {
+            "ok": True,
+            "task_id": task.task_id,
+            "outcome": applied.outcome.value,
+            "status": applied.status,
+        }
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing early when it is (or says it will be) over `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise _TooLarge
+    chunks = bytearray()
+    async for chunk in request.stream():
+        chunks += chunk
+        if len(chunks) > limit:
+            raise _TooLarge
+    return bytes(chunks)
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+routes = [
+    Route(tokens.CALLBACK_PREFIX + "/{ref}/{sig}/{action}/{action2}", receive, methods=["POST"]),
+    Route(tokens.CALLBACK_PREFIX + "/{ref}/{sig}", receive, methods=["POST"]),
+]

@@ -1,0 +1,173 @@
+"""Every tunable of the service, read once from the environment and `.env`.
+
+`load_settings()` is the only way in: it validates, fills derived defaults and,
+when `CALLBACK_SECRET` or `ADMIN_TOKEN` is unset, takes them from a 0600 file in
+the data directory (generating them on the first start).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+SECRETS_FILENAME = "secrets.json"
+GENERATED_SECRETS = ("callback_secret", "admin_token")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which setting and why."""
+
+
+class Settings(BaseSettings):
+    """The service's configuration (environment variable names are the upper-case field names)."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    public_url: str = ""
+    data_dir: Path = Path("data")
+    database_url: str = ""
+    storage_url: str = ""
+    callback_secret: SecretStr | None = None
+    admin_token: SecretStr | None = None
+    kling_api_base: str = "https://api-singapore.klingai.com"
+    kling_api_key: SecretStr | None = None
+    kling_access_key: str | None = None
+    kling_secret_key: SecretStr | None = None
+    kling_webhook_secret: SecretStr | None = None
+    max_callback_bytes: int = Field(default=1024 * 1024, ge=1024)
+    log_level: str = "INFO"
+
+    # Names of the secrets that came from the generated file rather than the environment.
+    _generated: tuple[str, ...] = PrivateAttr(default=())
+
+    @field_validator("public_url", "kling_api_base")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("kling_webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        raw = value.get_secret_value().removeprefix("whsec_")
+        try:
+            decoded = base64.b64decode(raw + "==", validate=True)
+        except (binascii.Error, ValueError):
+            decoded = b""
+        if not decoded:
+            raise ValueError("must be the whsec_... secret from Kling (base64 after the prefix)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @model_validator(mode="after")
+    def _derived_defaults(self) -> Settings:
+        # Frozen model: derived values are written once, here, and never again.
+        if not self.public_url:
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            object.__setattr__(self, "public_url", f"http://{host}:{self.port}")
+        if not self.database_url:
+            path = (self.data_dir / "kling-receiver.db").as_posix()
+            object.__setattr__(self, "database_url", f"sqlite:///{path}")
+        if not self.storage_url:
+            object.__setattr__(self, "storage_url", (self.data_dir / "assets").as_posix())
+        if bool(self.kling_access_key) != bool(self.kling_secret_key):
+            raise ValueError("KLING_ACCESS_KEY and KLING_SECRET_KEY must be set together")
+        return self
+
+    @property
+    def secrets_path(self) -> Path:
+        return self.data_dir / SECRETS_FILENAME
+
+    @property
+    def generated_secrets(self) -> tuple[str, ...]:
+        return self._generated
+
+    def secret(self, name: str) -> str:
+        """The value of a secret setting; raises if it was never filled in."""
+        value = getattr(self, name)
+        if value is None:
+            raise ConfigError(f"{name.upper()} is not set")
+        return str(value.get_secret_value())
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read, validate and complete the settings, or raise `ConfigError` with a readable reason."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
+    missing = [name for name in GENERATED_SECRETS if getattr(settings, name) is None]
+    if not missing:
+        return settings
+    stored = _stored_secrets(settings.data_dir, missing)
+    completed = settings.model_copy(update={name: SecretStr(stored[name]) for name in missing})
+    completed._generated = tuple(missing)
+    return completed
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+        given = error.get("input")
+        shown = (
+            ""
+            if isinstance(given, dict) or "SECRET" in name or "KEY" in name
+            else f" (got {given!r})"
+        )
+        lines.append(f"{name}: {error['msg']}{shown}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def _stored_secrets(data_dir: Path, names: list[str]) -> dict[str, str]:
+    """Generated secrets, kept in a 0600 file; created once even when processes start together."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / SECRETS_FILENAME
+        with open(data_dir / ".secrets.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            values: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+            wanted = [name for name in names if not values.get(name)]
+            if wanted:
+                values.update({name: secrets.token_urlsafe(32) for name in wanted})
+                tmp = path.with_suffix(".tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    json.dump(values, out, indent=2)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, path)
+            os.chmod(path, 0o600)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot keep generated secrets in {data_dir}: {exc}") from exc
+    return {name: str(values[name]) for name in names}
