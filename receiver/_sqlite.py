@@ -20,8 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from receiver._clock import utc_in, utc_now
 from receiver.ledger import (
     Applied,
+    AssetJob,
+    AssetResult,
     Binding,
     LedgerUnavailable,
     Outcome,
@@ -62,6 +65,7 @@ MIGRATIONS: list[list[str]] = [
             kling_updated_at INTEGER,
             state_digest TEXT,
             terminal_source TEXT,
+            params TEXT,
             updates INTEGER NOT NULL DEFAULT 0,
             created_at TEXT NOT NULL,
             updated_at TEXT NOT NULL,
@@ -150,7 +154,9 @@ class SQLiteLedger:
             self._queue.put(None)  # drains what is queued, then stops
             await asyncio.to_thread(self._writer.join)
         if self._readers is not None:
-            self._readers.shutdown(wait=True)
+            # Forget the pool first: a read after closing is LedgerUnavailable, not RuntimeError.
+            readers, self._readers = self._readers, None
+            readers.shutdown(wait=True)
         for conn in self._reader_conns:
             conn.close()
 
@@ -304,6 +310,40 @@ class SQLiteLedger:
 
         return await self._read(op)
 
+    async def claim_asset(self, owner: str, lease_seconds: float) -> AssetJob | None:
+        return await self._write(lambda conn: _claim(conn, owner, lease_seconds))
+
+    async def renew_lease(self, asset_id: int, owner: str, lease_seconds: float) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            renewed = conn.execute(
+                """UPDATE assets SET lease_expires_at = ?
+                   WHERE id = ? AND lease_owner = ? AND state = 'downloading'""",
+                (utc_in(lease_seconds), asset_id, owner),
+            )
+            return renewed.rowcount == 1
+
+        return await self._write(op)
+
+    async def settle_asset(self, asset_id: int, owner: str, result: AssetResult) -> bool:
+        return await self._write(lambda conn: _settle_asset(conn, asset_id, owner, result))
+
+    async def requeue(self, task_id: str, *, force: bool = False) -> int | None:
+        def op(conn: sqlite3.Connection) -> int | None:
+            task = conn.execute("SELECT id FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if task is None:
+                return None
+            queued = conn.execute(
+                """UPDATE assets SET state = 'pending', next_attempt_at = NULL, attempts = 0,
+                                     error = NULL, updated_at = ?
+                   WHERE task_pk = ? AND (state = 'failed' OR (? AND state = 'stored'))""",
+                (utc_now(), task["id"], force),
+            ).rowcount
+            if queued:
+                conn.execute("UPDATE tasks SET archived_at = NULL WHERE id = ?", (task["id"],))
+            return queued
+
+        return await self._write(op)
+
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
@@ -333,6 +373,14 @@ def _apply(conn: sqlite3.Connection, update: Update) -> Applied:
 
     row = row if row is not None else by_ref
     external_task_id = task.external_task_id or (ref.external_task_id if ref else None)
+    if external_task_id is not None:
+        holder = conn.execute(
+            "SELECT id FROM tasks WHERE external_task_id = ?", (external_task_id,)
+        ).fetchone()
+        if holder is not None and (row is None or holder["id"] != row["id"]):
+            # Unique per Kling account only (a shared URL may serve several): the id stays
+            # with its first task and this delivery is still kept, not lost to a UNIQUE error.
+            external_task_id = None
     if row is None:
         pk = conn.execute(
             """INSERT INTO tasks (task_id, external_task_id, action, callback_ref, created_at,
@@ -444,6 +492,77 @@ def _apply(conn: sqlite3.Connection, update: Update) -> Applied:
     return Applied(Outcome.moved, task.status, assets_created=created)
 
 
+def _claim(conn: sqlite3.Connection, owner: str, lease_seconds: float) -> AssetJob | None:
+    now = utc_now()
+    row = conn.execute(
+        """SELECT assets.*, tasks.task_id, tasks.action, tasks.params FROM assets
+           JOIN tasks ON tasks.id = assets.task_pk
+           WHERE (assets.state = 'pending'
+                  AND (assets.next_attempt_at IS NULL OR assets.next_attempt_at <= :now))
+              OR (assets.state = 'downloading' AND assets.lease_expires_at <= :now)
+           ORDER BY assets.next_attempt_at IS NOT NULL, assets.next_attempt_at, assets.id
+           LIMIT 1""",
+        {"now": now},
+    ).fetchone()
+    if row is None:
+        return None
+    conn.execute(
+        """UPDATE assets SET state = 'downloading', lease_owner = ?, lease_expires_at = ?,
+                             updated_at = ?
+           WHERE id = ?""",
+        (owner, utc_in(lease_seconds), now, row["id"]),
+    )
+    return AssetJob(
+        asset_id=row["id"],
+        task_id=row["task_id"],
+        action=row["action"],
+        kind=AssetKind(row["kind"]),
+        index=row["idx"],
+        url=row["url"],
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        expected_sha256=row["sha256"],
+        task_params=None if row["params"] is None else json.loads(row["params"]),
+    )
+
+
+def _settle_asset(conn: sqlite3.Connection, asset_id: int, owner: str, result: AssetResult) -> bool:
+    now = utc_now()
+    settled = conn.execute(
+        """UPDATE assets SET state = ?, error = ?, next_attempt_at = ?, attempts = attempts + ?,
+                             lease_owner = NULL, lease_expires_at = NULL,
+                             location = coalesce(?, location), sha256 = coalesce(?, sha256),
+                             size = coalesce(?, size), content_type = coalesce(?, content_type),
+                             stored_at = coalesce(?, stored_at), updated_at = ?
+           WHERE id = ? AND lease_owner = ? AND state = 'downloading'""",
+        (
+            result.state.value,
+            result.error,
+            result.retry_at,
+            int(result.count_attempt),
+            result.location,
+            result.sha256,
+            result.size,
+            result.content_type,
+            result.stored_at,
+            now,
+            asset_id,
+            owner,
+        ),
+    )
+    if settled.rowcount != 1:
+        return False
+    if result.state is AssetState.stored:
+        conn.execute(
+            """UPDATE tasks SET archived_at = coalesce(archived_at, ?)
+               WHERE id = (SELECT task_pk FROM assets WHERE id = ?)
+                 AND NOT EXISTS (SELECT 1 FROM assets AS other
+                                 WHERE other.task_pk = tasks.id AND other.state != 'stored')""",
+            (now, asset_id),
+        )
+    return True
+
+
 def _binding(row: sqlite3.Row | None) -> Binding | None:
     if row is None:
         return None
@@ -518,8 +637,8 @@ def _decode_cursor(cursor: str | None) -> int | None:
         return None
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if text.startswith("id:"):
-            return int(text[3:])
+        if text.startswith("id:") and 0 < (pk := int(text[3:])) < 2**63:
+            return pk  # beyond SQLite's INTEGER, the query itself would fail
     except (ValueError, UnicodeDecodeError):
         pass
     raise ValueError("cursor is not one this service returned")

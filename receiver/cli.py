@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from receiver import tokens
 from receiver._logging import configure_logging
@@ -41,8 +43,16 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         server_header=False,
     )
     server = uvicorn.Server(config)
+    # After draining, uvicorn restores the previous handlers and raises the stop signal
+    # again; without these, SIGTERM would end a clean shutdown with "killed by SIGTERM".
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, _stopped)
     server.run()
     return 0 if server.started else 1
+
+
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def callback_url(settings: Settings, args: argparse.Namespace) -> int:

@@ -74,7 +74,8 @@ class Settings(BaseSettings):
             return None
         raw = value.get_secret_value().removeprefix("whsec_")
         try:
-            decoded = base64.b64decode(raw + "==", validate=True)
+            # Pad to a whole number of quanta: a padded secret plus "==" would be refused.
+            decoded = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
         except (binascii.Error, ValueError):
             decoded = b""
         if not decoded:
@@ -156,7 +157,9 @@ def _stored_secrets(data_dir: Path, names: list[str]) -> dict[str, str]:
         path = data_dir / SECRETS_FILENAME
         with open(data_dir / ".secrets.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            values: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+            values = json.loads(path.read_text()) if path.exists() else {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{path} must hold a JSON object")
             wanted = [name for name in names if not values.get(name)]
             if wanted:
                 values.update({name: secrets.token_urlsafe(32) for name in wanted})

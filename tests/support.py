@@ -41,36 +41,80 @@ def free_port() -> int:
 class Service:
     """`kling-receiver serve` as a real process on a free loopback port."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        *,
+        secrets_in_env: bool = True,
+    ) -> None:
+        """With `secrets_in_env=False` the service generates CALLBACK_SECRET and ADMIN_TOKEN."""
         self.data_dir = data_dir
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"service-{self.port}.log"
         self.extra_env = env or {}
+        self.secrets_in_env = secrets_in_env
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def secrets_path(self) -> Path:
+        return self.data_dir / "secrets.json"
+
+    @property
+    def callback_secret(self) -> str:
+        return CALLBACK_SECRET if self.secrets_in_env else self._stored_secret("callback_secret")
+
+    @property
+    def admin_token(self) -> str:
+        return ADMIN_TOKEN if self.secrets_in_env else self._stored_secret("admin_token")
+
+    def _stored_secret(self, name: str) -> str:
+        value: str = json.loads(self.secrets_path.read_text())[name]
+        return value
+
+    @property
     def admin(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        return {"Authorization": f"Bearer {self.admin_token}"}
 
     def callback_url(self, ref: str | None = None, action: str | None = None) -> str:
-        path = tokens.callback_path(CALLBACK_SECRET, ref or tokens.new_channel_ref(), action)
+        path = tokens.callback_path(self.callback_secret, ref or tokens.new_channel_ref(), action)
         return self.base_url + path
 
-    def start(self) -> None:
-        env = {key: value for key, value in os.environ.items() if not key.endswith("_PROXY")} | {
+    def environ(self) -> dict[str, str]:
+        """The environment the service's processes run with."""
+        inherited = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.endswith("_PROXY") and key not in ("CALLBACK_SECRET", "ADMIN_TOKEN")
+        }
+        env = inherited | {
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
             "DATA_DIR": str(self.data_dir),
-            "CALLBACK_SECRET": CALLBACK_SECRET,
-            "ADMIN_TOKEN": ADMIN_TOKEN,
             "LOG_LEVEL": "INFO",
-            **self.extra_env,
         }
+        if self.secrets_in_env:
+            env |= {"CALLBACK_SECRET": CALLBACK_SECRET, "ADMIN_TOKEN": ADMIN_TOKEN}
+        return env | self.extra_env
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run `python -m receiver ARGS` with the service's environment and working directory."""
+        return subprocess.run(
+            [sys.executable, "-m", "receiver", *args],
+            env=self.environ(),
+            cwd=self.data_dir.parent,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start(self) -> None:
         log = open(self.log_path, "ab")
+        log_start = log.tell()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "receiver", "serve"],
-            env=env,
+            env=self.environ(),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.data_dir.parent,
@@ -81,10 +125,11 @@ class Service:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited early:\n{self.log()}")
             try:
-                if httpx.get(self.base_url + "/readyz", timeout=1).status_code == 200:
-                    return
+                ready = httpx.get(self.base_url + "/readyz", timeout=1, trust_env=False)
             except httpx.TransportError:
-                pass
+                ready = None
+            if ready is not None and ready.status_code == 200 and self._bound_since(log_start):
+                return
             time.sleep(0.05)
         raise RuntimeError(f"service did not become ready:\n{self.log()}")
 
@@ -98,6 +143,14 @@ class Service:
     def restart(self) -> None:
         self.stop(signal.SIGKILL)
         self.start()
+
+    def _bound_since(self, offset: int) -> bool:
+        """Whether this process (not another that took the free port first) is listening."""
+        if self.environ().get("LOG_LEVEL", "").upper() not in ("DEBUG", "INFO"):
+            return True  # uvicorn's "running on" line is not logged: trust /readyz
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            return f"Uvicorn running on {self.base_url} ".encode() in log.read()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -125,7 +125,8 @@ async def list_tasks(request: Request) -> Response:
     if archived not in (None, "", "true", "false"):
         return error(400, "bad_query", "archived must be true or false.")
     limit_text = query.get("limit") or "50"
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
+    # isdigit() alone accepts "²", which int() refuses.
+    if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= MAX_PAGE:
         return error(400, "bad_query", f"limit must be a whole number from 1 to {MAX_PAGE}.")
     try:
         page = await _ledger(request).tasks(

@@ -80,11 +80,20 @@ async def receive(request: Request) -> Response:
 
     webhook: Webhook | None = request.app.state.webhook
     if webhook is not None:
+        reason = None
         try:
             webhook.verify(body, dict(request.headers), json_parse=False)
-        except (WebhookVerificationError, ValueError) as exc:
+        except WebhookVerificationError as exc:
+            reason = str(exc)
+        except UnicodeDecodeError:
+            reason = "the body is not UTF-8 text"
+        except ValueError:  # the library's own words here would be "not enough values to unpack"
+            reason = "webhook-signature must be space-separated v1,<base64> signatures"
+        if reason is not None:
             return refuse(
-                401, "bad_signature", f"The Standard Webhooks signature does not check out: {exc}."
+                401,
+                "bad_signature",
+                f"The Standard Webhooks signature does not check out: {reason}.",
             )
 
     try:

@@ -1,0 +1,378 @@
+"""Settings: defaults, the environment and `.env`, readable errors, and generated secrets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from receiver.settings import ConfigError, Settings, load_settings
+
+SETTING_NAMES = [name.upper() for name in Settings.model_fields]
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(bytes(range(24))).decode()
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each test starts in an empty directory with none of the service's variables set."""
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def config_error(**overrides: object) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_env_file=None, **overrides)
+    return str(caught.value)
+
+
+def stored_secrets(data_dir: Path) -> dict[str, str]:
+    values: dict[str, str] = json.loads((data_dir / "secrets.json").read_text())
+    return values
+
+
+def test_defaults() -> None:
+    """With nothing set, the service listens on loopback:8000 and keeps everything under data/."""
+    settings = load_settings(_env_file=None)
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8000
+    assert settings.public_url == "http://127.0.0.1:8000"
+    assert settings.data_dir == Path("data")
+    assert settings.database_url == "sqlite:///data/kling-receiver.db"
+    assert settings.storage_url == "data/assets"
+    assert settings.max_callback_bytes == 1024 * 1024
+    assert settings.kling_api_base == "https://api-singapore.klingai.com"
+    assert settings.log_level == "INFO"
+    assert settings.kling_webhook_secret is None
+    assert settings.kling_api_key is None
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every setting is read from the upper-case environment variable of its name."""
+    environment = {
+        "HOST": "0.0.0.0",
+        "PORT": "9001",
+        "PUBLIC_URL": "https://hooks.example.com/kling/",
+        "DATA_DIR": "/srv/kling",
+        "DATABASE_URL": "sqlite:////srv/kling/ledger.db",
+        "STORAGE_URL": "/srv/assets",
+        "CALLBACK_SECRET": "env-callback-secret-0123456789abcdef",
+        "ADMIN_TOKEN": "env-admin-token-0123456789abcdef",
+        "KLING_API_BASE": "https://aggregator.example.com/kling",
+        "KLING_API_KEY": "env-api-key",
+        "KLING_ACCESS_KEY": "env-access-key",
+        "KLING_SECRET_KEY": "env-secret-key",
+        "KLING_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "MAX_CALLBACK_BYTES": "4096",
+        "LOG_LEVEL": "debug",
+    }
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(_env_file=None)
+    assert settings.host == "0.0.0.0"
+    assert settings.port == 9001
+    assert settings.public_url == "https://hooks.example.com/kling"
+    assert settings.data_dir == Path("/srv/kling")
+    assert settings.database_url == "sqlite:////srv/kling/ledger.db"
+    assert settings.storage_url == "/srv/assets"
+    assert settings.secret("callback_secret") == "env-callback-secret-0123456789abcdef"
+    assert settings.secret("admin_token") == "env-admin-token-0123456789abcdef"
+    assert settings.kling_api_base == "https://aggregator.example.com/kling"
+    assert settings.secret("kling_api_key") == "env-api-key"
+    assert settings.kling_access_key == "env-access-key"
+    assert settings.secret("kling_secret_key") == "env-secret-key"
+    assert settings.secret("kling_webhook_secret") == WEBHOOK_SECRET
+    assert settings.max_callback_bytes == 4096
+    assert settings.log_level == "DEBUG"
+    assert settings.generated_secrets == ()
+    assert not Path("/srv/kling").exists()  # nothing was generated, so nothing was written
+
+
+def test_derived_defaults_follow_host_port_and_data_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PUBLIC_URL, DATABASE_URL and STORAGE_URL default from HOST, PORT and DATA_DIR."""
+    monkeypatch.setenv("HOST", "::1")
+    monkeypatch.setenv("PORT", "8443")
+    monkeypatch.setenv("DATA_DIR", "state")
+    settings = load_settings(_env_file=None)
+    assert settings.public_url == "http://[::1]:8443"
+    assert settings.database_url == "sqlite:///state/kling-receiver.db"
+    assert settings.storage_url == "state/assets"
+    assert (Path("state") / "secrets.json").exists()
+
+
+def test_settings_come_from_a_dotenv_file(tmp_path: Path) -> None:
+    """A .env file in the working directory is read."""
+    (tmp_path / ".env").write_text(
+        "PORT=9100\nCALLBACK_SECRET=dotenv-callback-secret-0123456789\n"
+        "ADMIN_TOKEN=dotenv-admin-token-0123456789\nLOG_LEVEL=warning\n"
+    )
+    settings = load_settings()
+    assert settings.port == 9100
+    assert settings.public_url == "http://127.0.0.1:9100"
+    assert settings.secret("callback_secret") == "dotenv-callback-secret-0123456789"
+    assert settings.log_level == "WARNING"
+    assert settings.generated_secrets == ()
+
+
+def test_environment_wins_over_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A variable set in the environment beats the same one in .env."""
+    (tmp_path / ".env").write_text("PORT=9100\nHOST=10.0.0.1\n")
+    monkeypatch.setenv("PORT", "9200")
+    settings = load_settings()
+    assert settings.port == 9200
+    assert settings.host == "10.0.0.1"
+
+
+def test_dotenv_is_skipped_when_asked(tmp_path: Path) -> None:
+    """`_env_file=None` ignores a .env file that is present."""
+    (tmp_path / ".env").write_text("PORT=9100\n")
+    assert load_settings(_env_file=None).port == 8000
+
+
+def test_unrelated_variables_are_ignored(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Variables and .env lines the service does not know are not an error."""
+    (tmp_path / ".env").write_text("SOMETHING_ELSE=1\n")
+    monkeypatch.setenv("PORTS", "x")
+    assert load_settings().port == 8000
+
+
+@pytest.mark.parametrize("port", ["abc", "70000", "-1", "80.5", ""])
+def test_bad_port_names_port(monkeypatch: pytest.MonkeyPatch, port: str) -> None:
+    """A PORT that is not a port number is a ConfigError that names PORT."""
+    monkeypatch.setenv("PORT", port)
+    message = config_error()
+    assert message.startswith("invalid configuration: PORT: ")
+    assert "HOST" not in message
+
+
+def test_bad_port_in_dotenv_names_port(tmp_path: Path) -> None:
+    """A bad PORT in .env is reported the same way."""
+    (tmp_path / ".env").write_text("PORT=eighty\n")
+    with pytest.raises(ConfigError, match=r"^invalid configuration: PORT: .*'eighty'"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PUBLIC_URL", "hooks.example.com"),
+        ("KLING_API_BASE", "ftp://api.klingai.com"),
+        ("LOG_LEVEL", "loud"),
+        ("MAX_CALLBACK_BYTES", "10"),
+    ],
+)
+def test_bad_values_name_their_setting(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """Each bad value is a ConfigError naming the setting and showing what was given."""
+    monkeypatch.setenv(name, value)
+    message = config_error()
+    assert f"{name}: " in message
+    assert repr(value) in message
+
+
+def test_several_problems_are_reported_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """All bad settings are named in one message, not one per start."""
+    monkeypatch.setenv("PORT", "x")
+    monkeypatch.setenv("LOG_LEVEL", "loud")
+    message = config_error()
+    assert "PORT: " in message
+    assert "LOG_LEVEL: " in message
+
+
+def test_secrets_are_never_shown_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error message names settings but never prints the value of a secret."""
+    secrets = {
+        "CALLBACK_SECRET": "leak-callback-0123456789",
+        "ADMIN_TOKEN": "leak-admin-0123456789",
+        "KLING_API_KEY": "leak-api-key-0123456789",
+        "KLING_ACCESS_KEY": "leak-access-key-0123456789",
+        "KLING_WEBHOOK_SECRET": "whsec_leak!webhook!0123456789",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PORT", "x")
+    message = config_error()
+    assert "PORT: " in message
+    assert "KLING_WEBHOOK_SECRET: " in message
+    for value in secrets.values():
+        assert value not in message
+        assert value[5:15] not in message
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["not-a-secret!", "whsec_", "whsec_***", "whsec_a", "whsec_====", "whsec_a b c d"],
+)
+def test_bad_webhook_secret_is_a_config_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """A KLING_WEBHOOK_SECRET that is not base64 (after whsec_) stops the start."""
+    monkeypatch.setenv("KLING_WEBHOOK_SECRET", value)
+    message = config_error()
+    assert message.startswith("invalid configuration: KLING_WEBHOOK_SECRET: ")
+    assert "whsec_" in message  # says what shape is expected
+
+
+@pytest.mark.parametrize("size", [24, 32, 64, 1, 2, 35])
+@pytest.mark.parametrize("prefix", ["whsec_", ""])
+@pytest.mark.parametrize("padded", [True, False])
+def test_good_webhook_secrets_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, size: int, prefix: str, padded: bool
+) -> None:
+    """Standard Webhooks secrets of any size are accepted, padded or not, with or without whsec_."""
+    encoded = base64.b64encode(os.urandom(size)).decode()
+    value = prefix + (encoded if padded else encoded.rstrip("="))
+    monkeypatch.setenv("KLING_WEBHOOK_SECRET", value)
+    settings = load_settings(_env_file=None)
+    assert settings.secret("kling_webhook_secret") == value
+
+
+def test_empty_webhook_secret_means_unsigned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty KLING_WEBHOOK_SECRET is the same as none: signatures are not checked."""
+    monkeypatch.setenv("KLING_WEBHOOK_SECRET", "")
+    assert load_settings(_env_file=None).kling_webhook_secret is None
+
+
+@pytest.mark.parametrize("present", ["KLING_ACCESS_KEY", "KLING_SECRET_KEY"])
+def test_half_an_access_key_pair_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, present: str
+) -> None:
+    """KLING_ACCESS_KEY and KLING_SECRET_KEY are refused one without the other."""
+    monkeypatch.setenv(present, "half-of-a-pair-0123456789")
+    message = config_error()
+    assert "KLING_ACCESS_KEY and KLING_SECRET_KEY must be set together" in message
+    assert "half-of-a-pair" not in message
+
+
+def test_secret_raises_for_an_unset_secret() -> None:
+    """Asking for a secret that was never filled in is a ConfigError naming it."""
+    with pytest.raises(ConfigError, match=r"^KLING_API_KEY is not set$"):
+        load_settings(_env_file=None).secret("kling_api_key")
+
+
+def test_generated_secrets_are_stored_privately(tmp_path: Path) -> None:
+    """Unset CALLBACK_SECRET and ADMIN_TOKEN are generated, strong, into a 0600 secrets.json."""
+    data_dir = tmp_path / "data"
+    settings = load_settings(_env_file=None, data_dir=data_dir)
+    assert settings.generated_secrets == ("callback_secret", "admin_token")
+    assert settings.secrets_path == data_dir / "secrets.json"
+    callback_secret = settings.secret("callback_secret")
+    admin_token = settings.secret("admin_token")
+    assert len(callback_secret) >= 32
+    assert len(admin_token) >= 32
+    assert callback_secret != admin_token
+    assert stored_secrets(data_dir) == {
+        "callback_secret": callback_secret,
+        "admin_token": admin_token,
+    }
+    assert stat.S_IMODE(os.stat(settings.secrets_path).st_mode) == 0o600
+
+
+def test_generated_secrets_are_private_even_with_an_open_umask(tmp_path: Path) -> None:
+    """The secrets file is 0600 whatever the process umask."""
+    previous = os.umask(0)
+    try:
+        settings = load_settings(_env_file=None, data_dir=tmp_path / "data")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(settings.secrets_path).st_mode) == 0o600
+
+
+def test_generated_secrets_differ_between_installations(tmp_path: Path) -> None:
+    """Two data directories get different secrets."""
+    one = load_settings(_env_file=None, data_dir=tmp_path / "one")
+    two = load_settings(_env_file=None, data_dir=tmp_path / "two")
+    assert one.secret("callback_secret") != two.secret("callback_secret")
+    assert one.secret("admin_token") != two.secret("admin_token")
+
+
+def test_generated_secrets_are_kept_across_starts(tmp_path: Path) -> None:
+    """A second start reads the same secrets back instead of generating new ones."""
+    first = load_settings(_env_file=None, data_dir=tmp_path / "data")
+    second = load_settings(_env_file=None, data_dir=tmp_path / "data")
+    assert second.secret("callback_secret") == first.secret("callback_secret")
+    assert second.secret("admin_token") == first.secret("admin_token")
+    assert second.generated_secrets == ("callback_secret", "admin_token")
+
+
+def test_secrets_from_the_environment_are_not_written(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A secret set in the environment is used as is and never copied into secrets.json."""
+    monkeypatch.setenv("ADMIN_TOKEN", "env-admin-token-0123456789abcdef")
+    data_dir = tmp_path / "data"
+    settings = load_settings(_env_file=None, data_dir=data_dir)
+    assert settings.generated_secrets == ("callback_secret",)
+    assert settings.secret("admin_token") == "env-admin-token-0123456789abcdef"
+    assert stored_secrets(data_dir) == {"callback_secret": settings.secret("callback_secret")}
+
+    monkeypatch.delenv("ADMIN_TOKEN")
+    later = load_settings(_env_file=None, data_dir=data_dir)
+    assert later.secret("callback_secret") == settings.secret("callback_secret")
+    assert later.secret("admin_token") != "env-admin-token-0123456789abcdef"
+    assert set(stored_secrets(data_dir)) == {"callback_secret", "admin_token"}
+
+
+def test_a_damaged_secrets_file_is_a_config_error(tmp_path: Path) -> None:
+    """An unreadable secrets.json stops the start rather than silently replacing the secrets."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "secrets.json").write_text('{"callback_secret": "half')
+    with pytest.raises(ConfigError, match="cannot keep generated secrets"):
+        load_settings(_env_file=None, data_dir=data_dir)
+    assert (data_dir / "secrets.json").read_text() == '{"callback_secret": "half'
+
+
+def test_an_unusable_data_dir_is_a_config_error(tmp_path: Path) -> None:
+    """A DATA_DIR that cannot be a directory is a ConfigError naming it."""
+    blocker = tmp_path / "data"
+    blocker.write_text("a file, not a directory")
+    with pytest.raises(ConfigError, match=f"cannot keep generated secrets in {blocker}"):
+        load_settings(_env_file=None, data_dir=blocker)
+
+
+GENERATE = """
+import json, sys, time
+from receiver.settings import load_settings
+start = float(sys.argv[1])
+time.sleep(max(0.0, start - time.time()))
+settings = load_settings(_env_file=None)
+print(json.dumps([settings.secret("callback_secret"), settings.secret("admin_token")]))
+"""
+
+
+def test_processes_starting_together_agree_on_generated_secrets(tmp_path: Path) -> None:
+    """Processes that generate the secrets at the same moment all end with the same values."""
+    data_dir = tmp_path / "data"
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name.upper() not in SETTING_NAMES and not name.upper().endswith("_PROXY")
+    }
+    environment["DATA_DIR"] = str(data_dir)
+    start = time.time() + 2  # late enough for every interpreter to be up and spinning
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", GENERATE, str(start)],
+            env=environment,
+            cwd=Path(__file__).resolve().parents[2],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        results.append(tuple(json.loads(out)))
+    assert len(set(results)) == 1
+    stored = stored_secrets(data_dir)
+    assert results[0] == (stored["callback_secret"], stored["admin_token"])
