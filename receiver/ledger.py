@@ -17,10 +17,12 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from receiver.models import (
+    AssetKind,
+    AssetState,
     CallbackRef,
     EventRecord,
     KlingTask,
@@ -31,6 +33,8 @@ from receiver.models import (
 
 __all__ = [
     "Applied",
+    "AssetJob",
+    "AssetResult",
     "Ledger",
     "LedgerError",
     "LedgerUnavailable",
@@ -91,6 +95,37 @@ class Applied:
     status: TaskStatus | None = None
     assets_created: int = 0
     reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AssetJob:
+    """An asset claimed for download, with what the worker needs to fetch and describe it."""
+
+    asset_id: int
+    task_id: str
+    action: str | None
+    kind: AssetKind
+    index: int
+    url: str
+    attempts: int  # finished attempts before this one
+    created_at: str  # when the asset was queued: the retry horizon counts from here
+    expected_sha256: str | None  # set when a stored asset is fetched again to compare
+    task_params: dict[str, Any] | None  # the task's prompt and parameters, when known
+
+
+@dataclass(frozen=True, slots=True)
+class AssetResult:
+    """How a download attempt ended: stored, queued again (`pending`) or `failed`."""
+
+    state: AssetState
+    error: str | None = None
+    retry_at: str | None = None
+    location: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    content_type: str | None = None
+    stored_at: str | None = None
+    count_attempt: bool = True  # False when a worker hands a job back unfinished at shutdown
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +224,28 @@ class Ledger(Protocol):
 
     async def events(self, task_id: str) -> list[EventRecord] | None:
         """A task's distinct deliveries, oldest first; None for an unknown task."""
+        ...
+
+    async def claim_asset(self, owner: str, lease_seconds: float) -> AssetJob | None:
+        """Lease the next asset due for download (or one whose lease ran out), if any."""
+        ...
+
+    async def renew_lease(self, asset_id: int, owner: str, lease_seconds: float) -> bool:
+        """Extend `owner`'s lease; False when the lease was lost to another worker."""
+        ...
+
+    async def settle_asset(self, asset_id: int, owner: str, result: AssetResult) -> bool:
+        """Record an attempt's outcome and archive the task once every asset is stored.
+
+        False (and nothing recorded) when `owner` no longer holds the lease.
+        """
+        ...
+
+    async def requeue(self, task_id: str, *, force: bool = False) -> int | None:
+        """Queue a task's failed assets again (and its stored ones with `force`).
+
+        Returns how many were queued, or None for an unknown task.
+        """
         ...
 
     async def ping(self) -> None:
