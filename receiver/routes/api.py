@@ -25,12 +25,13 @@ class AdminAuth:
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            given = Headers(scope=scope).get("authorization", "").encode()
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+            wrong_scheme = scheme.lower() != "bearer"
+            if not hmac.compare_digest(given.strip().encode(), self.expected) or wrong_scheme:
                 response = error(
                     401,
                     "unauthorized",

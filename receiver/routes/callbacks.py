@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.requests import Request
@@ -39,36 +40,42 @@ class _TooLarge(Exception):
     pass
 
 
+UNKNOWN_URL = (
+    "No callback endpoint at this URL: use a URL printed by "
+    "`kling-receiver callback-url` or given at submission."
+)
+
+
+def _refuser(request: Request, started: float) -> Callable[..., Response]:
+    """Answers a refused delivery: counted and logged, never recorded."""
+    remote = request.client.host if request.client else None
+
+    def refuse(status_code: int, code: str, message: str, **fields: object) -> Response:
+        request.app.state.stats.refused[code] += 1
+        extra = {"outcome": "refused", "reason": code, "remote": remote}
+        log.warning("delivery refused", extra=extra | {"latency_ms": _ms(started)} | fields)
+        return error(status_code, code, message)
+
+    return refuse
+
+
+async def unknown(request: Request) -> Response:
+    """A POST under /callbacks/ that is no callback URL (often one pasted incompletely)."""
+    return _refuser(request, time.perf_counter())(404, "unknown_callback_url", UNKNOWN_URL)
+
+
 async def receive(request: Request) -> Response:
     """Authenticate a delivery by its URL (and signature), record it, answer at once."""
     started = time.perf_counter()
     settings: Settings = request.app.state.settings
     remote = request.client.host if request.client else None
-
-    def refuse(status_code: int, code: str, message: str, **fields: object) -> Response:
-        request.app.state.stats.refused[code] += 1
-        log.warning(
-            "delivery refused",
-            extra={
-                "outcome": "refused",
-                "reason": code,
-                "remote": remote,
-                "latency_ms": _ms(started),
-                **fields,
-            },
-        )
-        return error(status_code, code, message)
+    refuse = _refuser(request, started)
 
     params = request.path_params
     action = f"{params['action']}/{params['action2']}" if "action" in params else None
     ref = tokens.verify(settings.secret("callback_secret"), params["ref"], params["sig"], action)
     if ref is None:
-        return refuse(
-            404,
-            "unknown_callback_url",
-            "No callback endpoint at this URL: use a URL printed by "
-            "`kling-receiver callback-url` or given at submission.",
-        )
+        return refuse(404, "unknown_callback_url", UNKNOWN_URL)
 
     limit = settings.max_callback_bytes
     try:
@@ -174,4 +181,5 @@ def _ms(started: float) -> float:
 routes = [
     Route(tokens.CALLBACK_PREFIX + "/{ref}/{sig}/{action}/{action2}", receive, methods=["POST"]),
     Route(tokens.CALLBACK_PREFIX + "/{ref}/{sig}", receive, methods=["POST"]),
+    Route("/callbacks/{rest:path}", unknown, methods=["POST"]),
 ]

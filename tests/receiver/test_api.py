@@ -124,6 +124,13 @@ def test_api_answers_with_admin_token(client: TestClient) -> None:
     assert get(client, "/api/tasks") == {"tasks": [], "next_cursor": None}
 
 
+def test_auth_scheme_is_case_insensitive(client: TestClient) -> None:
+    """`bearer` and `BEARER` name the same scheme as `Bearer`."""
+    for scheme in ("bearer", "BEARER"):
+        headers = {"Authorization": f"{scheme} {ADMIN_TOKEN}"}
+        assert client.get("/api/tasks", headers=headers).status_code == 200
+
+
 # -- one task ----------------------------------------------------------------------
 
 

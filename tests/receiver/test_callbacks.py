@@ -128,10 +128,12 @@ def test_action_swapped_in_url_is_refused(client: TestClient) -> None:
 
 
 def test_url_without_token_is_not_found(client: TestClient) -> None:
-    """A callback path without a signature matches nothing and records nothing."""
+    """A callback path without a signature is refused as an unknown URL, counted, not recorded."""
     response = client.post(f"{tokens.CALLBACK_PREFIX}/x", content=task_body())
-    assert_error(response, 404, "not_found")
+    assert_error(response, 404, "unknown_callback_url")
     assert_nothing_recorded(client)
+    stats = client.get("/api/stats", headers=ADMIN).json()
+    assert stats["refused"] == {"unknown_callback_url": 1}
 
 
 def test_task_bound_to_another_url_is_refused(client: TestClient) -> None:
