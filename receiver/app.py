@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from receiver.routes import api, callbacks
 from receiver.routes._responses import error, http_error
 from receiver.settings import Settings
 from receiver.stats import Stats
+from receiver.workers import downloader_for
 
 __all__ = ["create_app"]
 
@@ -49,10 +51,16 @@ def create_app(settings: Settings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_ledger(settings.database_url) as ledger:
+        async with open_ledger(settings.database_url) as ledger, asyncio.TaskGroup() as group:
             app.state.ledger = ledger
+            app.state.downloader = None
+            if settings.download_concurrency:
+                app.state.downloader = downloader_for(settings, ledger)
+                workers = group.create_task(app.state.downloader.run(), name="downloads")
             log.info("ready", extra={"public_url": settings.public_url})
             yield
+            if app.state.downloader is not None:
+                workers.cancel()  # hands unfinished jobs back; their bytes stay for a resume
         log.info("stopped")
 
     app = Starlette(

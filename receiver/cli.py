@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -19,7 +21,7 @@ log = logging.getLogger("receiver.cli")
 
 
 def serve(settings: Settings, args: argparse.Namespace) -> int:
-    """Run the web app (and, later, its in-process workers) until SIGTERM or SIGINT."""
+    """Run the web app and its in-process download workers until SIGTERM or SIGINT."""
     import uvicorn
 
     from receiver.app import create_app
@@ -55,6 +57,48 @@ def _stopped(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
+def worker(settings: Settings, args: argparse.Namespace) -> int:
+    """Run download workers alone against the shared database until SIGTERM or SIGINT."""
+    configure_logging(settings.log_level)
+    return asyncio.run(_work(settings, args.concurrency))
+
+
+async def _work(settings: Settings, concurrency: int | None) -> int:
+    from receiver.ledger import open_ledger
+    from receiver.workers import downloader_for
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(stop_signal, stop.set)
+    async with open_ledger(settings.database_url) as ledger:
+        downloader = downloader_for(settings, ledger, concurrency)
+        log.info("workers started", extra={"concurrency": downloader.concurrency})
+        running = asyncio.create_task(downloader.run())
+        await stop.wait()
+        running.cancel()  # hands unfinished jobs back; their bytes stay for a resume
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    log.info("workers stopped")
+    return 0
+
+
+def retry(settings: Settings, args: argparse.Namespace) -> int:
+    """Queue a task's failed assets again (with --force, its stored ones too)."""
+    from receiver.ledger import open_ledger
+
+    async def requeue() -> int | None:
+        async with open_ledger(settings.database_url) as ledger:
+            return await ledger.requeue(args.task_id, force=args.force)
+
+    queued = asyncio.run(requeue())
+    if queued is None:
+        print(f"kling-receiver: no task {args.task_id!r} is recorded", file=sys.stderr)
+        return 1
+    print(f"queued {queued} asset(s) of task {args.task_id} for download")
+    return 0
+
+
 def callback_url(settings: Settings, args: argparse.Namespace) -> int:
     """Print a callback URL to paste into a task submitted by hand."""
     if args.external_task_id:
@@ -75,6 +119,19 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("serve", help="run the web service on HOST:PORT")
     run.set_defaults(handler=serve)
+
+    work = commands.add_parser("worker", help="run download workers alone (several may run)")
+    work.add_argument(
+        "--concurrency", type=int, help="downloads at once (default DOWNLOAD_CONCURRENCY)"
+    )
+    work.set_defaults(handler=worker)
+
+    again = commands.add_parser("retry", help="download a task's failed assets again")
+    again.add_argument("task_id")
+    again.add_argument(
+        "--force", action="store_true", help="also fetch stored assets again and compare hashes"
+    )
+    again.set_defaults(handler=retry)
 
     url = commands.add_parser(
         "callback-url", help="print a callback URL for a task submitted by hand"

@@ -55,6 +55,15 @@ class Settings(BaseSettings):
     kling_secret_key: SecretStr | None = None
     kling_webhook_secret: SecretStr | None = None
     max_callback_bytes: int = Field(default=1024 * 1024, ge=1024)
+    download_concurrency: int = Field(default=4, ge=0, le=64)
+    max_asset_bytes: int = Field(default=4 << 30, ge=1)
+    allow_private_downloads: bool = False
+    download_allowed_hosts: str = ""
+    download_lease_seconds: float = Field(default=30.0, ge=1)
+    download_retry_hours: float = Field(default=24.0, ge=0)
+    download_retry_base_seconds: float = Field(default=2.0, ge=0)
+    download_not_found_tries: int = Field(default=5, ge=1)
+    download_read_timeout: float = Field(default=60.0, gt=0)
     log_level: str = "INFO"
 
     # Names of the secrets that came from the generated file rather than the environment.
@@ -104,6 +113,12 @@ class Settings(BaseSettings):
         if bool(self.kling_access_key) != bool(self.kling_secret_key):
             raise ValueError("KLING_ACCESS_KEY and KLING_SECRET_KEY must be set together")
         return self
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]:
+        """DOWNLOAD_ALLOWED_HOSTS as lower-case host suffixes."""
+        hosts = (h.strip().strip(".").lower() for h in self.download_allowed_hosts.split(","))
+        return tuple(host for host in hosts if host)
 
     @property
     def secrets_path(self) -> Path:

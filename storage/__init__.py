@@ -5,4 +5,27 @@ This package never imports `receiver`.
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from storage._errors import FetchError, RefusedURL, SinkError, StorageError, TooLarge
+from storage.fetch import Fetched, Limits, Writer, fetch
+from storage.guard import UrlPolicy, is_public_address
+from storage.local import LocalSink, LocalWriter
+from storage.naming import extension
+from storage.sinks import open_sink
+
+__all__ = [
+    "FetchError",
+    "Fetched",
+    "Limits",
+    "LocalSink",
+    "LocalWriter",
+    "RefusedURL",
+    "SinkError",
+    "StorageError",
+    "TooLarge",
+    "UrlPolicy",
+    "Writer",
+    "extension",
+    "fetch",
+    "is_public_address",
+    "open_sink",
+]

@@ -13,10 +13,11 @@ from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, Service
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    """Settings for an in-process app with its data under tmp_path."""
+    """Settings for an in-process app with its data under tmp_path, download workers off."""
     return load_settings(
         _env_file=None,
         data_dir=tmp_path / "data",
+        download_concurrency=0,
         callback_secret=CALLBACK_SECRET,
         admin_token=ADMIN_TOKEN,
     )

@@ -93,6 +93,7 @@ class Service:
             "PORT": str(self.port),
             "DATA_DIR": str(self.data_dir),
             "LOG_LEVEL": "INFO",
+            "DOWNLOAD_CONCURRENCY": "0",  # tests that download turn workers on themselves
         }
         if self.secrets_in_env:
             env |= {"CALLBACK_SECRET": CALLBACK_SECRET, "ADMIN_TOKEN": ADMIN_TOKEN}

@@ -143,6 +143,20 @@ async def list_tasks(request: Request) -> Response:
     )
 
 
+async def retry_task(request: Request) -> Response:
+    """Queue the task's failed assets again; `?force=true` also re-fetches stored ones."""
+    task_id = request.path_params["task_id"]
+    force = request.query_params.get("force", "false")
+    if force not in ("true", "false"):
+        return error(400, "bad_query", "force must be true or false.")
+    queued = await _ledger(request).requeue(task_id, force=force == "true")
+    if queued is None:
+        return _no_task(task_id)
+    if queued and request.app.state.downloader is not None:
+        request.app.state.downloader.wake()
+    return JSONResponse({"task_id": task_id, "queued": queued})
+
+
 async def stats(request: Request) -> Response:
     return JSONResponse(request.app.state.stats.as_dict())
 
@@ -151,5 +165,6 @@ routes = [
     Route("/tasks", list_tasks),
     Route("/tasks/{task_id}", get_task),
     Route("/tasks/{task_id}/events", list_events),
+    Route("/tasks/{task_id}/retry", retry_task, methods=["POST"]),
     Route("/stats", stats),
 ]

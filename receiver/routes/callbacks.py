@@ -137,6 +137,8 @@ async def receive(request: Request) -> Response:
         return refuse(401, "wrong_task", f"Refused: {applied.reason}.", task_id=task.task_id)
 
     request.app.state.stats.deliveries[applied.outcome.value] += 1
+    if applied.assets_created and request.app.state.downloader is not None:
+        request.app.state.downloader.wake()
     log.info(
         "delivery",
         extra={

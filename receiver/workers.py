@@ -1,0 +1,255 @@
+"""Download workers: claim an asset job with a lease, fetch it into the sink, record the outcome.
+
+A job is leased, never locked in memory: the lease is renewed while the
+download runs, and a worker that dies leaves a lease that expires, after
+which any worker (in this process or another) takes the job over and resumes
+from the bytes already on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from receiver._clock import parse_time, utc_in, utc_now
+from receiver.ledger import AssetJob, AssetResult, Ledger
+from receiver.models import AssetKind, AssetState
+from receiver.settings import Settings
+from storage import (
+    Fetched,
+    FetchError,
+    Limits,
+    LocalSink,
+    StorageError,
+    TooLarge,
+    UrlPolicy,
+    extension,
+    fetch,
+    open_sink,
+)
+
+__all__ = ["Downloader", "RetryPolicy", "asset_stem", "downloader_for"]
+
+log = logging.getLogger("receiver.workers")
+
+_NOT_YET = {403, 404, 410}
+
+
+def asset_stem(action: str | None, task_id: str, kind: AssetKind, index: int) -> str:
+    """The storage key without its extension: `videos/text2video/<task_id>/0`.
+
+    The index alone names the file when the kind is the one the action makes
+    (videos/… make videos); otherwise the kind prefixes it (`image-0`).
+    """
+    family = action.split("/")[0] if action else None
+    name = str(index) if family == f"{kind.value}s" else f"{kind.value}-{index}"
+    return f"{action or 'unknown-action'}/{task_id}/{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When to try a failed download again, and when to give up."""
+
+    base_delay: float = 2.0
+    max_delay: float = 600.0
+    horizon: float = 24 * 3600.0  # keep trying transient failures this long
+    not_found_tries: int = 5  # 403/404/410: the CDN may lag, but not forever
+
+    def delay(self, error: StorageError, attempts: int, first_seen: datetime) -> float | None:
+        """Seconds until the next try, or None to give up."""
+        if not error.retry:
+            return None
+        fetch_error = error if isinstance(error, FetchError) else None
+        status = fetch_error.status if fetch_error else None
+        if status in _NOT_YET and attempts >= self.not_found_tries:
+            return None
+        if (datetime.now(UTC) - first_seen).total_seconds() > self.horizon:
+            return None
+        backoff: float = min(self.max_delay, self.base_delay * 2.0 ** max(0, attempts - 1))
+        backoff *= random.uniform(0.5, 1.0)  # jitter, so a burst of failures spreads out
+        retry_after = fetch_error.retry_after if fetch_error else None
+        return max(backoff, retry_after or 0.0)
+
+
+@dataclass
+class Downloader:
+    """A pool of download workers sharing one ledger and one sink."""
+
+    ledger: Ledger
+    sink: LocalSink
+    policy: UrlPolicy
+    limits: Limits = field(default_factory=Limits)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    concurrency: int = 4
+    lease_seconds: float = 30.0
+    idle_seconds: float = 1.0
+    owner: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    )
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def wake(self) -> None:
+        """New jobs were queued: look now rather than at the next idle tick."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Run the workers until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            for number in range(self.concurrency):
+                group.create_task(self._work(number), name=f"download-worker-{number}")
+
+    async def _work(self, number: int) -> None:
+        while True:
+            try:
+                job = await self.ledger.claim_asset(self.owner, self.lease_seconds)
+            except Exception:
+                log.exception("cannot claim a job", extra={"worker": number})
+                job = None
+            if job is None:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.idle_seconds)
+                except TimeoutError:
+                    pass
+                continue
+            await self.process(job)
+
+    async def process(self, job: AssetJob) -> None:
+        """Download one claimed job and record what happened; never raises but cancellation."""
+        cancel = threading.Event()
+        renewer = asyncio.create_task(self._renew(job, cancel))
+        started = time.perf_counter()
+        try:
+            result = await asyncio.to_thread(self._download, job, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            await self._settle(job, AssetResult(AssetState.pending, count_attempt=False))
+            raise
+        except Exception as exc:  # the edge of a worker: log it, retry it, keep working
+            log.exception("download crashed", extra={"task_id": job.task_id, "asset": job.asset_id})
+            result = self._failure(
+                job, StorageError(job.url, f"internal error: {exc!r}", retry=True)
+            )
+        finally:
+            renewer.cancel()
+        if cancel.is_set() and result.state is not AssetState.stored:
+            return  # the lease was lost: another worker owns the job now
+        await self._settle(job, result)
+        log.info(
+            "download",
+            extra={
+                "task_id": job.task_id,
+                "kind": job.kind.value,
+                "index": job.index,
+                "state": result.state.value,
+                "size": result.size,
+                "error": result.error,
+                "attempt": job.attempts + 1,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+
+    def _download(self, job: AssetJob, cancel: threading.Event) -> AssetResult:
+        writer = self.sink.open(asset_stem(job.action, job.task_id, job.kind, job.index))
+        try:
+            fetched = fetch(job.url, writer, policy=self.policy, limits=self.limits, cancel=cancel)
+            key = asset_stem(job.action, job.task_id, job.kind, job.index)
+            key += extension(fetched.content_type, fetched.final_url)
+            stored_at = utc_now()
+            location = writer.commit(key, _sidecar(job, fetched, stored_at))
+        except StorageError as exc:
+            result = self._failure(job, exc)
+            if result.state is AssetState.failed or isinstance(exc, TooLarge):
+                writer.discard()
+            else:
+                writer.close()
+            return result
+        except BaseException:
+            writer.close()
+            raise
+        note = None
+        if job.expected_sha256 and job.expected_sha256 != fetched.sha256:
+            note = f"re-fetched bytes differ from the sha256 stored before ({job.expected_sha256})"
+        return AssetResult(
+            AssetState.stored,
+            error=note,
+            location=location,
+            sha256=fetched.sha256,
+            size=fetched.size,
+            content_type=fetched.content_type,
+            stored_at=stored_at,
+        )
+
+    def _failure(self, job: AssetJob, error: StorageError) -> AssetResult:
+        delay = self.retry.delay(error, job.attempts + 1, parse_time(job.created_at))
+        if delay is None:
+            return AssetResult(AssetState.failed, error=error.reason)
+        return AssetResult(
+            AssetState.pending, error=f"{error.reason} (will try again)", retry_at=utc_in(delay)
+        )
+
+    async def _renew(self, job: AssetJob, cancel: threading.Event) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                kept = await self.ledger.renew_lease(job.asset_id, self.owner, self.lease_seconds)
+            except Exception:
+                log.exception("cannot renew a lease", extra={"task_id": job.task_id})
+                continue
+            if not kept:
+                log.warning("lease lost", extra={"task_id": job.task_id, "asset": job.asset_id})
+                cancel.set()
+                return
+
+    async def _settle(self, job: AssetJob, result: AssetResult) -> None:
+        try:
+            await self.ledger.settle_asset(job.asset_id, self.owner, result)
+        except Exception:
+            # The lease runs out and the job is taken again; the stored file is reused by key.
+            log.exception("cannot record a download", extra={"task_id": job.task_id})
+
+
+def _sidecar(job: AssetJob, fetched: Fetched, stored_at: str) -> dict[str, object]:
+    """What a file's JSON sidecar says, so the archive stays meaningful without the database."""
+    return {
+        "task_id": job.task_id,
+        "action": job.action,
+        "kind": job.kind.value,
+        "index": job.index,
+        "source_url": job.url,
+        "final_url": fetched.final_url,
+        "sha256": fetched.sha256,
+        "size": fetched.size,
+        "content_type": fetched.content_type,
+        "stored_at": stored_at,
+        "task": job.task_params,
+    }
+
+
+def downloader_for(
+    settings: Settings, ledger: Ledger, concurrency: int | None = None
+) -> Downloader:
+    """The worker pool that DOWNLOAD_* and STORAGE_URL describe."""
+    return Downloader(
+        ledger=ledger,
+        sink=open_sink(settings.storage_url),
+        policy=UrlPolicy(settings.allow_private_downloads, settings.allowed_hosts),
+        limits=Limits(
+            max_bytes=settings.max_asset_bytes, read_timeout=settings.download_read_timeout
+        ),
+        retry=RetryPolicy(
+            base_delay=settings.download_retry_base_seconds,
+            horizon=settings.download_retry_hours * 3600,
+            not_found_tries=settings.download_not_found_tries,
+        ),
+        concurrency=settings.download_concurrency if concurrency is None else concurrency,
+        lease_seconds=settings.download_lease_seconds,
+    )

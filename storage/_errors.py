@@ -1,0 +1,56 @@
+"""The storage package's exceptions.
+
+StorageError
+├── RefusedURL        the URL may not be downloaded (policy, SSRF guard)
+├── FetchError        the download did not complete; `retry` says whether to try again
+│   └── TooLarge      the body is over the size limit
+└── SinkError         the bytes could not be put in place (disk, bucket)
+"""
+
+from __future__ import annotations
+
+__all__ = ["FetchError", "RefusedURL", "SinkError", "StorageError", "TooLarge"]
+
+
+class StorageError(Exception):
+    """Root of the storage package's errors; `retry` tells whether trying later may help."""
+
+    retry = False
+
+    def __init__(self, url: str, reason: str, *, retry: bool | None = None) -> None:
+        super().__init__(reason)
+        self.url = url
+        self.reason = reason
+        if retry is not None:
+            self.retry = retry
+
+
+class RefusedURL(StorageError):
+    """The URL is not one the service may download (scheme, credentials, host, address)."""
+
+
+class FetchError(StorageError):
+    """The download did not complete."""
+
+    def __init__(
+        self,
+        url: str,
+        reason: str,
+        *,
+        retry: bool | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(url, reason, retry=retry)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class TooLarge(FetchError):
+    """The body is larger than the limit."""
+
+
+class SinkError(StorageError):
+    """The bytes could not be written or committed where they belong."""
+
+    retry = True

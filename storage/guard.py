@@ -1,0 +1,128 @@
+"""Which URLs the service may download from: URLs in callbacks are untrusted input.
+
+A URL passes when it is http(s) without credentials, its host matches the
+allowed host suffixes (when any are set), and every address its host resolves
+to is globally routable. Addresses hidden inside IPv6 forms (IPv4-mapped,
+IPv4-compatible, NAT64, 6to4, Teredo) are unwrapped and checked too. The caller
+then connects to the address that was checked, never resolving again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import SplitResult, urlsplit
+
+from storage._errors import RefusedURL
+
+__all__ = ["Target", "UrlPolicy", "is_public_address"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Not covered by `is_global`, or worth naming: carrier-grade NAT and cloud metadata.
+_BLOCKED = [
+    ipaddress.ip_network("100.64.0.0/10"),
+    ipaddress.ip_network("169.254.0.0/16"),
+    ipaddress.ip_network("fd00:ec2::/32"),
+    ipaddress.ip_network("192.0.0.0/24"),
+]
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded(address: IPAddress) -> list[IPAddress]:
+    """IPv4 addresses that an IPv6 address carries, for the forms routers act on."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    inner: list[IPAddress] = []
+    if address.ipv4_mapped is not None:
+        inner.append(address.ipv4_mapped)
+    if address.sixtofour is not None:
+        inner.append(address.sixtofour)
+    if address.teredo is not None:
+        inner.extend(address.teredo)  # (server, client)
+    packed = address.packed
+    if address in _NAT64 or packed[:12] == bytes(12):  # NAT64 and IPv4-compatible
+        inner.append(ipaddress.IPv4Address(packed[12:]))
+    return inner
+
+
+def is_public_address(address: IPAddress) -> bool:
+    """Globally routable, and so is every address it carries inside it."""
+    if any(address in network for network in _BLOCKED if network.version == address.version):
+        return False
+    inner = _embedded(address)
+    if inner:
+        return all(is_public_address(a) for a in inner)
+    return address.is_global and not address.is_multicast
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A URL that passed the policy, with the addresses to connect to."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UrlPolicy:
+    """The download policy from ALLOW_PRIVATE_DOWNLOADS and DOWNLOAD_ALLOWED_HOSTS."""
+
+    allow_private: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+
+    def check_form(self, url: str) -> SplitResult:
+        """The URL's parts, or `RefusedURL` for anything but plain http(s) to an allowed host."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise RefusedURL(url, f"the URL is malformed ({exc})") from exc
+        if parts.scheme not in ("http", "https"):
+            raise RefusedURL(url, "only http and https URLs are downloaded")
+        if parts.username is not None or parts.password is not None:
+            raise RefusedURL(url, "URLs with credentials are not downloaded")
+        host = (parts.hostname or "").rstrip(".").lower()
+        if not host:
+            raise RefusedURL(url, "the URL has no host")
+        if port == 0:
+            raise RefusedURL(url, "port 0 is not a place to download from")
+        if self.allowed_hosts and not any(
+            host == suffix or host.endswith("." + suffix) for suffix in self.allowed_hosts
+        ):
+            raise RefusedURL(url, f"host {host} is not in DOWNLOAD_ALLOWED_HOSTS")
+        return parts
+
+    def resolve(self, url: str) -> Target:
+        """Check the URL and resolve its host; every address must be public unless allowed."""
+        parts = self.check_form(url)
+        host = (parts.hostname or "").rstrip(".").lower()
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            literal: IPAddress | None = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None:
+            addresses = [literal]
+        else:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as exc:
+                raise RefusedURL(url, f"host {host} does not resolve ({exc})", retry=True) from exc
+            addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        if not addresses:
+            raise RefusedURL(url, f"host {host} has no addresses", retry=True)
+        if not self.allow_private:
+            for address in addresses:
+                if not is_public_address(address):
+                    raise RefusedURL(
+                        url,
+                        f"host {host} resolves to {address}, which is not a public address "
+                        "(set ALLOW_PRIVATE_DOWNLOADS=true to allow it)",
+                    )
+        unique = tuple(dict.fromkeys(str(a) for a in addresses))
+        return Target(url, parts.scheme, host, port, unique)

@@ -1,0 +1,151 @@
+"""The local-directory sink: nothing partial is ever visible under a final name.
+
+Bytes go to a hidden `.NAME.part` file in the target directory (with a
+`.NAME.part.json` noting the validator they came with, so a later attempt can
+resume with Range). Commit fsyncs the file, renames it into place, writes the
+JSON sidecar the same way, and fsyncs the directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from storage._errors import SinkError
+
+__all__ = ["LocalSink", "LocalWriter"]
+
+_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,254}")
+
+
+class LocalSink:
+    """Files under one root directory, at `root/key`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def path(self, key: str) -> Path:
+        """Where `key` lives; refuses any key that could leave the root."""
+        parts = key.split("/")
+        if not all(_PART.fullmatch(part) and set(part) != {"."} for part in parts):
+            raise SinkError(key, f"unsafe storage key {key!r}")
+        path = self.root.joinpath(*parts)
+        if not path.resolve().is_relative_to(self.root):
+            raise SinkError(key, f"storage key {key!r} leaves the storage directory")
+        return path
+
+    def location(self, key: str) -> str:
+        return str(self.path(key))
+
+    def open(self, stem: str) -> LocalWriter:
+        """A writer for the key `stem` + extension, holding an earlier attempt's bytes."""
+        return LocalWriter(self, self.path(stem))
+
+
+class LocalWriter:
+    """One download's bytes on their way into the sink."""
+
+    def __init__(self, sink: LocalSink, stem: Path) -> None:
+        self._sink = sink
+        self._part = stem.with_name(f".{stem.name}.part")
+        self._meta = stem.with_name(f".{stem.name}.part.json")
+        try:
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self._part, os.O_RDWR | os.O_CREAT, 0o644)
+            self._validator: str | None = None
+            if self._meta.exists():
+                self._validator = json.loads(self._meta.read_text()).get("validator")
+            self._offset = os.fstat(self._fd).st_size if self._validator else 0
+            os.ftruncate(self._fd, self._offset)
+            os.lseek(self._fd, self._offset, os.SEEK_SET)
+        except (OSError, ValueError) as exc:
+            raise SinkError(str(stem), f"cannot open {self._part}: {exc}") from exc
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def validator(self) -> str | None:
+        return self._validator
+
+    def hasher(self) -> hashlib._Hash:
+        digest = hashlib.sha256()
+        with open(self._part, "rb") as held:
+            remaining = self._offset
+            while remaining:
+                chunk = held.read(min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                remaining -= len(chunk)
+        return digest
+
+    def restart(self, validator: str | None) -> None:
+        with self._errors():
+            os.ftruncate(self._fd, 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            self._offset = 0
+            self._validator = validator
+            if validator is None:
+                self._meta.unlink(missing_ok=True)
+            else:
+                self._meta.write_text(json.dumps({"validator": validator}))
+
+    def write(self, data: memoryview) -> None:
+        with self._errors():
+            while data:
+                written = os.write(self._fd, data)
+                data = data[written:]
+                self._offset += written
+
+    def commit(self, key: str, sidecar: dict[str, Any]) -> str:
+        """Make the bytes visible as `key`, with `key.json` beside them; returns the path."""
+        final = self._sink.path(key)
+        with self._errors():
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self._part, final)
+            meta_tmp = final.with_name(f".{final.name}.json.tmp")
+            with open(meta_tmp, "w") as out:
+                json.dump(sidecar, out, indent=2, sort_keys=True)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(meta_tmp, final.with_name(final.name + ".json"))
+            self._meta.unlink(missing_ok=True)
+            _fsync_dir(final.parent)
+        return str(final)
+
+    def close(self) -> None:
+        """Stop writing, keeping the held bytes for a later attempt to resume."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def discard(self) -> None:
+        """Stop writing and remove the held bytes."""
+        self.close()
+        self._part.unlink(missing_ok=True)
+        self._meta.unlink(missing_ok=True)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise SinkError(str(self._part), f"cannot write {self._part}: {exc}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,31 @@
+"""File extensions for downloaded assets, from the Content-Type or else the URL."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+__all__ = ["extension"]
+
+_BY_TYPE = {
+    "video/mp4": ".mp4",
+    "video/quicktime": ".mov",
+    "video/webm": ".webm",
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+    "audio/mpeg": ".mp3",
+    "audio/mp4": ".m4a",
+    "audio/wav": ".wav",
+}
+_SUFFIX = re.compile(r"\.([A-Za-z0-9]{1,5})$")
+
+
+def extension(content_type: str | None, url: str) -> str:
+    """`.mp4`, `.png`…: the Content-Type's when it is specific, else the URL's, else `.bin`."""
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type in _BY_TYPE:
+        return _BY_TYPE[media_type]
+    match = _SUFFIX.search(urlsplit(url).path)
+    return f".{match.group(1).lower()}" if match else ".bin"
