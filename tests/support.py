@@ -164,3 +164,16 @@ class Service:
             except ValueError:
                 continue
         return entries
+
+
+def assert_error(response: Any, status_code: int, code: str, *words: str) -> None:
+    """The response is a JSON error with this code and a sentence that mentions `words`."""
+    assert response.status_code == status_code, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error", "message"}
+    assert body["error"] == code
+    message = body["message"]
+    assert message.endswith(".") and len(message.split()) >= 5, message
+    for word in words:
+        assert word in message, message

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from receiver import tokens
 from receiver.app import create_app
 from receiver.settings import Settings
-from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, fixture_bytes, fixture_json
+from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, assert_error, fixture_bytes, fixture_json
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 TASK_FIELDS = {
@@ -70,19 +70,6 @@ def get(client: TestClient, path: str) -> Any:
     response = client.get(path, headers=ADMIN)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def assert_error(response: Any, status_code: int, code: str, *words: str) -> None:
-    """The response is a JSON error with this code and a sentence that mentions `words`."""
-    assert response.status_code == status_code, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"error", "message"}
-    assert body["error"] == code
-    message = body["message"]
-    assert message.endswith(".") and len(message.split()) >= 5, message
-    for word in words:
-        assert word in message, message
 
 
 def is_utc_timestamp(text: str) -> bool:

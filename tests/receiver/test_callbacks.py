@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 from receiver import tokens
 from receiver.app import create_app
 from receiver.settings import Settings, load_settings
-from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, fixture_bytes, fixture_json
+from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, assert_error, fixture_bytes, fixture_json
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 TASK_ID = "867283741759111202"
@@ -52,19 +52,6 @@ def recorded_events(client: TestClient, task_id: str) -> list[dict[str, Any]]:
     assert response.status_code == 200, response.text
     events: list[dict[str, Any]] = response.json()["events"]
     return events
-
-
-def assert_error(response: Any, status_code: int, code: str, *words: str) -> None:
-    """The response is a JSON error with this code and a sentence that mentions `words`."""
-    assert response.status_code == status_code, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"error", "message"}
-    assert body["error"] == code
-    message = body["message"]
-    assert message.endswith(".") and len(message.split()) >= 5, message
-    for word in words:
-        assert word in message, message
 
 
 def assert_nothing_recorded(client: TestClient) -> None:
