@@ -15,12 +15,13 @@ import http.client
 import re
 import socket
 import ssl
+import string
 import threading
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Protocol
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from storage._errors import FetchError, TooLarge
 from storage.guard import Target, UrlPolicy
@@ -122,6 +123,8 @@ def _request(
 ) -> http.client.HTTPResponse:
     parts = urlsplit(target.url)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # Percent-encode what http.client refuses (spaces, non-ASCII), as browsers do.
+    path = quote(path, safe=string.punctuation)
     headers = {"User-Agent": "kling-receiver", "Accept-Encoding": "identity"}
     if resume_from and writer.validator:
         headers["Range"] = f"bytes={resume_from}-"
@@ -153,6 +156,12 @@ def _receive(
     elif status == 200:
         if writer.offset or writer.validator != validator:
             writer.restart(validator)
+    elif status == 416 and resume_from:
+        # Held bytes that reach the end (a crash before commit) cannot be resumed: start over.
+        writer.restart(None)
+        raise FetchError(
+            url, f"the server cannot resume at byte {resume_from}", retry=True, status=status
+        )
     else:
         raise _status_error(url, response)
 

@@ -3,8 +3,11 @@
 A URL passes when it is http(s) without credentials, its host matches the
 allowed host suffixes (when any are set), and every address its host resolves
 to is globally routable. Addresses hidden inside IPv6 forms (IPv4-mapped,
-IPv4-compatible, NAT64, 6to4, Teredo) are unwrapped and checked too. The caller
-then connects to the address that was checked, never resolving again.
+IPv4-compatible, NAT64, 6to4, Teredo) are unwrapped and checked too.
+ALLOW_PRIVATE_DOWNLOADS lifts the address check, except for link-local and cloud
+metadata addresses: no media lives there, and a redirect to one is the classic
+way to read credentials. The caller then connects to the address that was
+checked, never resolving again.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ _BLOCKED = [
     ipaddress.ip_network("192.0.0.0/24"),
 ]
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Refused even when private addresses are allowed.
+_NEVER = [
+    ipaddress.ip_network("169.254.0.0/16"),  # link-local: AWS, GCP, Azure, Oracle metadata
+    ipaddress.ip_network("fe80::/10"),
+    ipaddress.ip_network("fd00:ec2::/32"),  # AWS metadata over IPv6
+    ipaddress.ip_network("100.100.100.200/32"),  # Alibaba Cloud metadata
+]
 
 
 def _embedded(address: IPAddress) -> list[IPAddress]:
@@ -55,6 +65,13 @@ def is_public_address(address: IPAddress) -> bool:
     if inner:
         return all(is_public_address(a) for a in inner)
     return address.is_global and not address.is_multicast
+
+
+def _always_refused(address: IPAddress) -> bool:
+    """Link-local or cloud metadata, itself or inside an IPv6 form."""
+    if any(address in network for network in _NEVER if network.version == address.version):
+        return True
+    return any(_always_refused(a) for a in _embedded(address))
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,13 +133,18 @@ class UrlPolicy:
             addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
         if not addresses:
             raise RefusedURL(url, f"host {host} has no addresses", retry=True)
-        if not self.allow_private:
-            for address in addresses:
-                if not is_public_address(address):
-                    raise RefusedURL(
-                        url,
-                        f"host {host} resolves to {address}, which is not a public address "
-                        "(set ALLOW_PRIVATE_DOWNLOADS=true to allow it)",
-                    )
+        for address in addresses:
+            if _always_refused(address):
+                raise RefusedURL(
+                    url,
+                    f"host {host} resolves to {address}, a link-local or cloud metadata address, "
+                    "which is never downloaded from",
+                )
+            if not self.allow_private and not is_public_address(address):
+                raise RefusedURL(
+                    url,
+                    f"host {host} resolves to {address}, which is not a public address "
+                    "(set ALLOW_PRIVATE_DOWNLOADS=true to allow it)",
+                )
         unique = tuple(dict.fromkeys(str(a) for a in addresses))
         return Target(url, parts.scheme, host, port, unique)

@@ -8,6 +8,7 @@ JSON sidecar the same way, and fsyncs the directory.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -58,13 +59,19 @@ class LocalWriter:
         try:
             stem.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self._part, os.O_RDWR | os.O_CREAT, 0o644)
-            self._validator: str | None = None
-            if self._meta.exists():
-                self._validator = json.loads(self._meta.read_text()).get("validator")
+            try:
+                # Leases keep one worker per asset; this lock makes sure of it on the disk.
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._fd)
+                raise SinkError(
+                    str(stem), f"another download is writing {self._part}", retry=True
+                ) from None
+            self._validator = _held_validator(self._meta)
             self._offset = os.fstat(self._fd).st_size if self._validator else 0
             os.ftruncate(self._fd, self._offset)
             os.lseek(self._fd, self._offset, os.SEEK_SET)
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise SinkError(str(stem), f"cannot open {self._part}: {exc}") from exc
 
     @property
@@ -141,6 +148,16 @@ class LocalWriter:
             yield
         except OSError as exc:
             raise SinkError(str(self._part), f"cannot write {self._part}: {exc}") from exc
+
+
+def _held_validator(meta: Path) -> str | None:
+    """The validator noted beside held bytes; none (start over) if the note is missing or torn."""
+    try:
+        note = json.loads(meta.read_text())
+    except (OSError, ValueError):  # none yet, or torn by a crash while it was written
+        return None
+    validator = note.get("validator") if isinstance(note, dict) else None
+    return validator if isinstance(validator, str) else None
 
 
 def _fsync_dir(path: Path) -> None:

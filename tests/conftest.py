@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from receiver.settings import Settings, load_settings
+from tests.media_server import MediaServer, media_server
 from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, Service
 
 
@@ -32,3 +33,10 @@ def service(tmp_path: Path) -> Iterator[Service]:
     if running.process is not None:
         running.process.kill()
         running.process.wait()
+
+
+@pytest.fixture
+def media() -> Iterator[MediaServer]:
+    """A misbehaving-on-purpose HTTP media server on 127.0.0.1."""
+    with media_server() as server:
+        yield server

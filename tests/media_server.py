@@ -1,0 +1,269 @@
+"""A real HTTP media server on loopback that misbehaves on purpose, as CDNs sometimes do.
+
+Each path gets a script: a list of behaviours (Serve, Cut, Status, Short,
+Redirect, WrongRange, Unsized), one consumed per request (the last one
+repeats). Every request is logged with its headers, so tests can count fetches
+and see `Range` requests.
+
+    server.add("/v.mp4", body, [Cut(1000), Cut(5000), Serve()])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass(frozen=True)
+class Serve:
+    """Serve the file properly: ETag, Range with If-Range, and `rate` bytes/s if set."""
+
+    ranges: bool = True
+    rate: int | None = None
+    content_type: str = "video/mp4"
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Promise the whole file (or the asked range), send `after` bytes, then drop the connection."""
+
+    after: int
+    ranges: bool = True
+
+
+@dataclass(frozen=True)
+class Status:
+    """Answer with this status and headers, and a short body."""
+
+    code: int
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Short:
+    """Claim the full Content-Length but send only `send` bytes and close."""
+
+    send: int
+
+
+@dataclass(frozen=True)
+class Redirect:
+    location: str
+    code: int = 302
+
+
+@dataclass(frozen=True)
+class WrongRange:
+    """Answer any request with 206 and the bytes from `start`, whatever range was asked."""
+
+    start: int
+
+
+@dataclass(frozen=True)
+class Unsized:
+    """Serve the whole file without Content-Length: chunked, or ended by closing the connection."""
+
+    chunked: bool = False
+
+
+Behaviour = Serve | Cut | Status | Short | Redirect | WrongRange | Unsized
+
+
+@dataclass
+class Request:
+    path: str
+    headers: dict[str, str]
+    at: float
+
+
+@dataclass
+class _Route:
+    body: bytes
+    script: list[Behaviour]
+    served: int = 0
+
+    @property
+    def etag(self) -> str:
+        return '"' + hashlib.sha256(self.body).hexdigest()[:16] + '"'
+
+    def next(self) -> Behaviour:
+        behaviour = self.script[min(self.served, len(self.script) - 1)]
+        self.served += 1
+        return behaviour
+
+
+class MediaServer:
+    """A threaded HTTP/1.1 server on 127.0.0.1 with scripted misbehaviour."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, _Route] = {}
+        self.requests: list[Request] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        # A short poll keeps stop() (and so each test's teardown) from waiting half a second.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def add(self, path: str, body: bytes, script: Sequence[Behaviour] = (Serve(),)) -> str:
+        """Serve `body` at `path` following `script`; returns the full URL."""
+        with self._lock:
+            self.routes[path] = _Route(body, list(script))
+        return self.url(path)
+
+    def hits(self, path: str) -> list[Request]:
+        with self._lock:
+            return [r for r in self.requests if r.path == path]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                with server._lock:
+                    server.requests.append(Request(path, dict(self.headers), time.monotonic()))
+                    route = server.routes.get(path)
+                    behaviour = route.next() if route else Status(404)
+                try:
+                    self._answer(route, behaviour)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def _answer(self, route: _Route | None, behaviour: Behaviour) -> None:
+                if isinstance(behaviour, Status) or route is None:
+                    assert isinstance(behaviour, Status)
+                    body = f"status {behaviour.code}\n".encode()
+                    self.send_response(behaviour.code)
+                    for name, value in behaviour.headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                if isinstance(behaviour, Redirect):
+                    self.send_response(behaviour.code)
+                    self.send_header("Location", behaviour.location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if isinstance(behaviour, Short):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "video/mp4")
+                    self.send_header("Content-Length", str(len(route.body)))
+                    self.end_headers()
+                    self.wfile.write(route.body[: behaviour.send])
+                    self.close_connection = True
+                    return
+                if isinstance(behaviour, WrongRange | Unsized):
+                    self._answer_oddly(route, behaviour)
+                    return
+                ranges = behaviour.ranges
+                start = self._range_start(route) if ranges else 0
+                part = route.body[start:]
+                self.send_response(206 if start else 200)
+                content_type = (
+                    behaviour.content_type if isinstance(behaviour, Serve) else "video/mp4"
+                )
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(part)))
+                self.send_header("ETag", route.etag)
+                if ranges:
+                    self.send_header("Accept-Ranges", "bytes")
+                if start:
+                    total = len(route.body)
+                    self.send_header("Content-Range", f"bytes {start}-{total - 1}/{total}")
+                self.end_headers()
+                if isinstance(behaviour, Cut):
+                    self.wfile.write(part[: behaviour.after])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self._send(part, behaviour.rate)
+
+            def _answer_oddly(self, route: _Route, behaviour: WrongRange | Unsized) -> None:
+                total = len(route.body)
+                if isinstance(behaviour, WrongRange):
+                    part = route.body[behaviour.start :]
+                    self.send_response(206)
+                    self.send_header(
+                        "Content-Range", f"bytes {behaviour.start}-{total - 1}/{total}"
+                    )
+                    self.send_header("Content-Length", str(len(part)))
+                else:
+                    part = route.body
+                    self.send_response(200)
+                    if behaviour.chunked:
+                        self.send_header("Transfer-Encoding", "chunked")
+                    else:
+                        self.send_header("Connection", "close")
+                self.send_header("Content-Type", "video/mp4")
+                self.send_header("ETag", route.etag)
+                self.end_headers()
+                if isinstance(behaviour, Unsized) and behaviour.chunked:
+                    for offset in range(0, total, 4096):
+                        chunk = part[offset : offset + 4096]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
+                self.wfile.write(part)
+                if isinstance(behaviour, Unsized):
+                    self.close_connection = True
+
+            def _range_start(self, route: _Route) -> int:
+                asked = self.headers.get("Range", "")
+                if not asked.startswith("bytes=") or not asked.endswith("-"):
+                    return 0
+                if_range = self.headers.get("If-Range")
+                if if_range is not None and if_range != route.etag:
+                    return 0
+                start = int(asked[len("bytes=") : -1])
+                return start if 0 < start < len(route.body) else 0
+
+            def _send(self, data: bytes, rate: int | None) -> None:
+                if rate is None:
+                    self.wfile.write(data)
+                    return
+                step = max(1, rate // 20)
+                for offset in range(0, len(data), step):
+                    self.wfile.write(data[offset : offset + step])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+
+        return Handler
+
+
+@contextmanager
+def media_server() -> Iterator[MediaServer]:
+    server = MediaServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,381 @@
+"""fetch() against a real misbehaving media server on loopback: resume, errors, limits, hops."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage import (
+    FetchError,
+    Limits,
+    LocalSink,
+    LocalWriter,
+    RefusedURL,
+    TooLarge,
+    UrlPolicy,
+    fetch,
+)
+from tests.media_server import (
+    Cut,
+    MediaServer,
+    Redirect,
+    Serve,
+    Short,
+    Status,
+    Unsized,
+    WrongRange,
+)
+
+LOOPBACK = UrlPolicy(allow_private=True)
+BODY = random.Random(7).randbytes(64 * 1024)
+SHA = hashlib.sha256(BODY).hexdigest()
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> LocalSink:
+    """A local sink in a fresh directory."""
+    return LocalSink(tmp_path / "assets")
+
+
+@pytest.fixture
+def writer(sink: LocalSink) -> Iterator[LocalWriter]:
+    """A writer for one asset, closed at the end of the test."""
+    opened = sink.open("videos/t/0")
+    yield opened
+    opened.close()
+
+
+def stored(writer: LocalWriter) -> bytes:
+    """The bytes the writer holds, committed and read back."""
+    return Path(writer.commit("videos/t/0.mp4", {})).read_bytes()
+
+
+def failure(url: str, writer: LocalWriter, **kwargs: Any) -> FetchError:
+    """The FetchError that fetching `url` raises."""
+    with pytest.raises(FetchError) as caught:
+        fetch(url, writer, policy=LOOPBACK, **kwargs)
+    return caught.value
+
+
+def test_a_plain_download_is_hashed_and_described(media: MediaServer, writer: LocalWriter) -> None:
+    """A well-behaved server's file arrives whole, with its sha256, size and type."""
+    url = media.add("/v.mp4", BODY)
+    fetched = fetch(url, writer, policy=LOOPBACK)
+    assert (fetched.url, fetched.final_url, fetched.size) == (url, url, len(BODY))
+    assert (fetched.sha256, fetched.content_type, fetched.resumed) == (SHA, "video/mp4", False)
+    assert stored(writer) == BODY
+    [hit] = media.hits("/v.mp4")
+    assert hit.headers["Accept-Encoding"] == "identity"
+    assert "Range" not in hit.headers
+
+
+def test_cut_connections_resume_with_range_and_if_range(
+    media: MediaServer, writer: LocalWriter
+) -> None:
+    """Cut mid-body twice, retrying with the same writer resumes each time and stores the file."""
+    url = media.add("/v.mp4", BODY, [Cut(1000), Cut(5000), Serve()])
+    for held in (1000, 6000):
+        error = failure(url, writer)
+        assert error.retry is True
+        assert f"after {held} of" in error.reason
+        assert writer.offset == held
+    fetched = fetch(url, writer, policy=LOOPBACK)
+    assert (fetched.sha256, fetched.size, fetched.resumed) == (SHA, len(BODY), True)
+    assert stored(writer) == BODY
+    etag = media.routes["/v.mp4"].etag
+    first, second, third = media.hits("/v.mp4")
+    assert "Range" not in first.headers
+    assert (second.headers["Range"], second.headers["If-Range"]) == ("bytes=1000-", etag)
+    assert (third.headers["Range"], third.headers["If-Range"]) == ("bytes=6000-", etag)
+
+
+def test_a_new_writer_resumes_where_a_closed_one_stopped(
+    media: MediaServer, sink: LocalSink
+) -> None:
+    """After a restart, a writer opened on the same key resumes from the bytes on disk."""
+    url = media.add("/v.mp4", BODY, [Cut(3000), Serve()])
+    first = sink.open("videos/t/0")
+    failure(url, first)
+    first.close()
+    second = sink.open("videos/t/0")
+    try:
+        fetched = fetch(url, second, policy=LOOPBACK)
+        assert (fetched.sha256, fetched.resumed) == (SHA, True)
+        assert stored(second) == BODY
+    finally:
+        second.close()
+    assert media.hits("/v.mp4")[1].headers["Range"] == "bytes=3000-"
+
+
+def test_a_server_ignoring_range_starts_over(media: MediaServer, writer: LocalWriter) -> None:
+    """A 200 answer to a Range request replaces the held bytes instead of appending to them."""
+    url = media.add("/v.mp4", BODY, [Cut(1000), Serve(ranges=False)])
+    failure(url, writer)
+    fetched = fetch(url, writer, policy=LOOPBACK)
+    assert (fetched.sha256, fetched.size, fetched.resumed) == (SHA, len(BODY), False)
+    assert stored(writer) == BODY
+    assert media.hits("/v.mp4")[1].headers["Range"] == "bytes=1000-"
+
+
+def test_a_file_changed_between_attempts_is_not_spliced(
+    media: MediaServer, writer: LocalWriter
+) -> None:
+    """When If-Range no longer matches, the new file is downloaded from its first byte."""
+    url = media.add("/v.mp4", BODY, [Cut(1000)])
+    failure(url, writer)
+    changed = bytes(reversed(BODY))
+    media.add("/v.mp4", changed)
+    fetched = fetch(url, writer, policy=LOOPBACK)
+    assert (fetched.sha256, fetched.resumed) == (hashlib.sha256(changed).hexdigest(), False)
+    assert stored(writer) == changed
+
+
+def test_a_range_answer_from_the_wrong_byte_drops_the_held_bytes(
+    media: MediaServer, writer: LocalWriter, sink: LocalSink
+) -> None:
+    """A 206 whose Content-Range does not start at the held size is refused and restarts cleanly."""
+    url = media.add("/v.mp4", BODY, [Cut(1000), WrongRange(500), Serve()])
+    failure(url, writer)
+    error = failure(url, writer)
+    assert error.retry is True
+    assert "resumed at byte 500, not 1000" in error.reason
+    assert (writer.offset, writer.validator) == (0, None)
+    assert not (sink.root / "videos/t/.0.part.json").exists()
+    fetched = fetch(url, writer, policy=LOOPBACK)
+    assert (fetched.sha256, fetched.resumed) == (SHA, False)
+    assert stored(writer) == BODY
+    assert "Range" not in media.hits("/v.mp4")[2].headers
+
+
+def test_an_unsatisfiable_resume_starts_over(media: MediaServer, writer: LocalWriter) -> None:
+    """A 416 to a Range request drops the held bytes, so the next attempt downloads afresh."""
+    unsatisfiable = Status(416, {"Content-Range": f"bytes */{len(BODY)}"})
+    url = media.add("/v.mp4", BODY, [unsatisfiable, Serve()])
+    writer.restart(media.routes["/v.mp4"].etag)
+    writer.write(memoryview(BODY))  # all of it, held by an attempt that died before commit
+    error = failure(url, writer)
+    assert (error.retry, error.status) == (True, 416)
+    assert (writer.offset, writer.validator) == (0, None)
+    fetched = fetch(url, writer, policy=LOOPBACK)
+    assert (fetched.sha256, fetched.resumed) == (SHA, False)
+    assert stored(writer) == BODY
+    assert media.hits("/v.mp4")[0].headers["Range"] == f"bytes={len(BODY)}-"
+    assert "Range" not in media.hits("/v.mp4")[1].headers
+
+
+@pytest.mark.parametrize("code", [500, 502, 503, 504, 408, 429])
+def test_transient_statuses_are_retried(media: MediaServer, writer: LocalWriter, code: int) -> None:
+    """Server errors, timeouts and rate limits are worth another try."""
+    error = failure(media.add("/v.mp4", BODY, [Status(code)]), writer)
+    assert (type(error), error.retry, error.status, error.retry_after) == (
+        FetchError,
+        True,
+        code,
+        None,
+    )
+    assert str(code) in error.reason
+
+
+@pytest.mark.parametrize("code", [403, 404, 410])
+def test_not_yet_there_statuses_are_retried_with_their_status(
+    media: MediaServer, writer: LocalWriter, code: int
+) -> None:
+    """403/404/410 may be a CDN lagging behind: retried, status kept for the worker to cap."""
+    error = failure(media.add("/v.mp4", BODY, [Status(code)]), writer)
+    assert (error.retry, error.status) == (True, code)
+
+
+@pytest.mark.parametrize("code", [400, 401, 416])
+def test_client_errors_are_final(media: MediaServer, writer: LocalWriter, code: int) -> None:
+    """A request the server will never accept is not retried."""
+    error = failure(media.add("/v.mp4", BODY, [Status(code, {"Retry-After": "5"})]), writer)
+    assert (error.retry, error.status, error.retry_after) == (False, code, None)
+
+
+def test_retry_after_seconds(media: MediaServer, writer: LocalWriter) -> None:
+    """A 429 with Retry-After: 2 tells the worker to wait two seconds."""
+    error = failure(media.add("/v.mp4", BODY, [Status(429, {"Retry-After": "2"})]), writer)
+    assert (error.retry, error.status, error.retry_after) == (True, 429, 2.0)
+
+
+def test_retry_after_http_date(media: MediaServer, writer: LocalWriter) -> None:
+    """A Retry-After given as an HTTP date becomes the seconds until then."""
+    later = formatdate(time.time() + 120, usegmt=True)
+    error = failure(media.add("/v.mp4", BODY, [Status(503, {"Retry-After": later})]), writer)
+    assert error.retry_after is not None
+    assert 115 <= error.retry_after <= 121
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("Mon, 01 Jan 2001 00:00:00 GMT", 0.0), ("soon", None)]
+)
+def test_retry_after_past_or_garbled(
+    media: MediaServer, writer: LocalWriter, value: str, expected: float | None
+) -> None:
+    """A Retry-After date in the past means now; one that cannot be read is ignored."""
+    error = failure(media.add("/v.mp4", BODY, [Status(429, {"Retry-After": value})]), writer)
+    assert (error.retry, error.retry_after) == (True, expected)
+
+
+def test_a_short_body_is_never_complete(media: MediaServer, writer: LocalWriter) -> None:
+    """A body that ends before its Content-Length is a retryable FetchError, not a download."""
+    error = failure(media.add("/v.mp4", BODY, [Short(100)]), writer)
+    assert (type(error), error.retry) == (FetchError, True)
+    assert f"ended after 100 of {len(BODY)} bytes" in error.reason
+
+
+def test_a_body_of_exactly_the_limit_is_accepted(media: MediaServer, writer: LocalWriter) -> None:
+    """max_bytes is inclusive."""
+    url = media.add("/v.mp4", BODY)
+    fetched = fetch(url, writer, policy=LOOPBACK, limits=Limits(max_bytes=len(BODY)))
+    assert fetched.size == len(BODY)
+
+
+def test_a_content_length_over_the_limit_is_refused_up_front(
+    media: MediaServer, writer: LocalWriter
+) -> None:
+    """A Content-Length over max_bytes raises TooLarge before a byte is kept."""
+    url = media.add("/v.mp4", BODY)
+    with pytest.raises(TooLarge) as caught:
+        fetch(url, writer, policy=LOOPBACK, limits=Limits(max_bytes=len(BODY) - 1))
+    assert caught.value.retry is False
+    assert str(len(BODY)) in caught.value.reason
+    assert writer.offset == 0
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["close-delimited", "chunked"])
+def test_a_body_without_length_over_the_limit_is_cut_off(
+    media: MediaServer, writer: LocalWriter, chunked: bool
+) -> None:
+    """With no Content-Length, TooLarge is raised once the bytes read pass max_bytes."""
+    url = media.add("/v.mp4", BODY, [Unsized(chunked=chunked)])
+    with pytest.raises(TooLarge):
+        fetch(url, writer, policy=LOOPBACK, limits=Limits(max_bytes=10_000))
+    assert writer.offset <= 10_000
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["close-delimited", "chunked"])
+def test_a_body_without_length_is_downloaded(
+    media: MediaServer, writer: LocalWriter, chunked: bool
+) -> None:
+    """A chunked or close-delimited body within the limit arrives whole."""
+    url = media.add("/v.mp4", BODY, [Unsized(chunked=chunked)])
+    assert fetch(url, writer, policy=LOOPBACK).sha256 == SHA
+    assert stored(writer) == BODY
+
+
+def test_five_redirects_are_followed(media: MediaServer, writer: LocalWriter) -> None:
+    """A chain of five redirects, relative and absolute, ends at the file."""
+    final = media.add("/v.mp4", BODY)
+    media.add("/r5", b"", [Redirect(final, 301)])
+    for n in range(1, 5):
+        media.add(f"/r{n}", b"", [Redirect(f"/r{n + 1}", 307)])
+    fetched = fetch(media.url("/r1"), writer, policy=LOOPBACK)
+    assert (fetched.url, fetched.final_url, fetched.sha256) == (media.url("/r1"), final, SHA)
+
+
+def test_more_than_five_redirects_are_refused(media: MediaServer, writer: LocalWriter) -> None:
+    """A redirect loop stops after five redirects, without retrying."""
+    url = media.add("/loop", b"", [Redirect("/loop")])
+    error = failure(url, writer)
+    assert error.retry is False
+    assert "more than 5 redirects" in error.reason
+    assert len(media.hits("/loop")) == 6
+
+
+def test_a_redirect_without_location_is_an_error(media: MediaServer, writer: LocalWriter) -> None:
+    """A 302 with nowhere to go fails the download."""
+    error = failure(media.add("/v.mp4", BODY, [Status(302)]), writer)
+    assert "without a Location" in error.reason
+
+
+def test_a_redirect_to_cloud_metadata_is_refused_at_the_hop(
+    media: MediaServer, writer: LocalWriter
+) -> None:
+    """Even with private downloads allowed, a redirect to 169.254.169.254 is never followed."""
+    metadata = "http://169.254.169.254/latest/meta-data/"
+    url = media.add("/v.mp4", BODY, [Redirect(metadata)])
+    with pytest.raises(RefusedURL) as caught:
+        fetch(url, writer, policy=LOOPBACK)
+    assert (caught.value.url, caught.value.retry) == (metadata, False)
+    assert "link-local or cloud metadata" in caught.value.reason
+    assert writer.offset == 0
+
+
+def test_a_redirect_outside_the_allowed_hosts_is_refused(
+    media: MediaServer, writer: LocalWriter
+) -> None:
+    """Every hop is checked against DOWNLOAD_ALLOWED_HOSTS, not only the first URL."""
+    port = media.base_url.rsplit(":", 1)[1]
+    elsewhere = f"http://localhost:{port}/v.mp4"
+    media.add("/v.mp4", BODY)
+    url = media.add("/r", b"", [Redirect(elsewhere)])
+    policy = UrlPolicy(allow_private=True, allowed_hosts=("127.0.0.1",))
+    with pytest.raises(RefusedURL, match="not in DOWNLOAD_ALLOWED_HOSTS"):
+        fetch(url, writer, policy=policy)
+    assert media.hits("/v.mp4") == []
+
+
+def test_a_redirect_to_another_scheme_is_refused(media: MediaServer, writer: LocalWriter) -> None:
+    """A redirect to file:// is refused like any non-http URL."""
+    url = media.add("/r", b"", [Redirect("file:///etc/passwd")])
+    with pytest.raises(RefusedURL, match="only http and https"):
+        fetch(url, writer, policy=LOOPBACK)
+
+
+def test_loopback_is_refused_without_a_request(media: MediaServer, writer: LocalWriter) -> None:
+    """Under the default policy a URL to 127.0.0.1 is refused before any connection."""
+    url = media.add("/v.mp4", BODY)
+    with pytest.raises(RefusedURL) as caught:
+        fetch(url, writer, policy=UrlPolicy())
+    assert caught.value.retry is False
+    assert media.requests == []
+
+
+def test_request_paths_are_percent_encoded(media: MediaServer, writer: LocalWriter) -> None:
+    """Spaces and non-ASCII characters in a URL's path are sent percent-encoded, as browsers do."""
+    media.add("/a%20b.mp4", BODY)
+    media.add("/%E8%A7%86%E9%A2%91.mp4", BODY)
+    assert fetch(media.url("/a b.mp4"), writer, policy=LOOPBACK).sha256 == SHA
+    assert fetch(media.url("/视频.mp4?x=1%2F"), writer, policy=LOOPBACK).sha256 == SHA
+    assert [hit.path for hit in media.requests] == ["/a%20b.mp4", "/%E8%A7%86%E9%A2%91.mp4"]
+
+
+def test_a_refused_connection_is_retryable(writer: LocalWriter) -> None:
+    """Nobody listening on the port is a retryable FetchError."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    error = failure(f"http://127.0.0.1:{port}/v.mp4", writer)
+    assert error.retry is True
+    assert "connection failed" in error.reason
+
+
+def test_a_silent_server_times_out(writer: LocalWriter) -> None:
+    """A server that accepts but never answers fails after read_timeout, retryably."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        error = failure(f"http://127.0.0.1:{port}/v.mp4", writer, limits=Limits(read_timeout=0.2))
+    assert error.retry is True
+    assert time.monotonic() - started < 5
+
+
+def test_a_cancelled_download_stops(media: MediaServer, writer: LocalWriter) -> None:
+    """A set cancel event stops the download with a retryable error before any byte is kept."""
+    url = media.add("/v.mp4", BODY)
+    cancel = threading.Event()
+    cancel.set()
+    error = failure(url, writer, cancel=cancel)
+    assert error.retry is True
+    assert "stopped" in error.reason
+    assert writer.offset == 0
