@@ -332,11 +332,13 @@ class SQLiteLedger:
             task = conn.execute("SELECT id FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             if task is None:
                 return None
+            now = utc_now()
+            # Queued afresh: the retry horizon (counted from created_at) starts again too.
             queued = conn.execute(
                 """UPDATE assets SET state = 'pending', next_attempt_at = NULL, attempts = 0,
-                                     error = NULL, updated_at = ?
+                                     error = NULL, created_at = ?, updated_at = ?
                    WHERE task_pk = ? AND (state = 'failed' OR (? AND state = 'stored'))""",
-                (utc_now(), task["id"], force),
+                (now, now, task["id"], force),
             ).rowcount
             if queued:
                 conn.execute("UPDATE tasks SET archived_at = NULL WHERE id = ?", (task["id"],))

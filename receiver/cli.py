@@ -72,7 +72,10 @@ async def _work(settings: Settings, concurrency: int | None) -> int:
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(stop_signal, stop.set)
     async with open_ledger(settings.database_url) as ledger:
-        downloader = downloader_for(settings, ledger, concurrency)
+        # DOWNLOAD_CONCURRENCY=0 turns off serve's own pool; a worker always works.
+        downloader = downloader_for(
+            settings, ledger, concurrency or settings.download_concurrency or 4
+        )
         log.info("workers started", extra={"concurrency": downloader.concurrency})
         running = asyncio.create_task(downloader.run())
         await stop.wait()

@@ -158,11 +158,14 @@ class Downloader:
         )
 
     def _download(self, job: AssetJob, cancel: threading.Event) -> AssetResult:
-        writer = self.sink.open(asset_stem(job.action, job.task_id, job.kind, job.index))
+        stem = asset_stem(job.action, job.task_id, job.kind, job.index)
+        try:
+            writer = self.sink.open(stem)
+        except StorageError as exc:  # an unsafe key, or a disk that refuses: the sink says which
+            return self._failure(job, exc)
         try:
             fetched = fetch(job.url, writer, policy=self.policy, limits=self.limits, cancel=cancel)
-            key = asset_stem(job.action, job.task_id, job.kind, job.index)
-            key += extension(fetched.content_type, fetched.final_url)
+            key = stem + extension(fetched.content_type, fetched.final_url)
             stored_at = utc_now()
             location = writer.commit(key, _sidecar(job, fetched, stored_at))
         except StorageError as exc:
@@ -190,6 +193,9 @@ class Downloader:
 
     def _failure(self, job: AssetJob, error: StorageError) -> AssetResult:
         delay = self.retry.delay(error, job.attempts + 1, parse_time(job.created_at))
+        if delay is None and job.expected_sha256 is not None:
+            # A forced re-check that cannot fetch (the CDN expired it) keeps the stored copy.
+            return AssetResult(AssetState.stored, error=f"re-check failed: {error.reason}")
         if delay is None:
             return AssetResult(AssetState.failed, error=error.reason)
         return AssetResult(

@@ -56,6 +56,7 @@ class Service:
         self.extra_env = env or {}
         self.secrets_in_env = secrets_in_env
         self.process: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
 
     @property
     def secrets_path(self) -> Path:
@@ -133,6 +134,34 @@ class Service:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"service did not become ready:\n{self.log()}")
+
+    def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
+        """Start `python -m receiver worker ARGS` on the service's database and storage.
+
+        It is kept in `workers` (logs in `worker_log_path(n)`); `kill_all()` ends it.
+        """
+        log_path = self.worker_log_path(len(self.workers))
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "receiver", "worker", *args],
+                env=self.environ(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir.parent,
+            )
+        self.workers.append(process)
+        return process
+
+    def worker_log_path(self, number: int) -> Path:
+        return self.data_dir.parent / f"worker-{self.port}-{number}.log"
+
+    def kill_all(self) -> None:
+        """SIGKILL the service and its workers, whichever still run."""
+        for process in [self.process, *self.workers]:
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+        self.process = None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         assert self.process is not None

@@ -1,0 +1,306 @@
+"""End-to-end downloads: real `serve` and `worker` processes, a media server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from receiver import tokens
+from tests.media_server import MediaServer, Serve
+from tests.support import Service, assert_error, fixture_json
+
+pytestmark = pytest.mark.e2e
+
+T2V = "videos/text2video"
+IMAGES = "images/generations"
+JSON = {"content-type": "application/json"}
+# Loopback media, retries due in tens of milliseconds.
+DOWNLOADS = {
+    "ALLOW_PRIVATE_DOWNLOADS": "true",
+    "DOWNLOAD_RETRY_BASE_SECONDS": "0.05",
+    "DOWNLOAD_CONCURRENCY": "2",
+}
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every request of these tests on loopback, whatever proxy the environment names."""
+    for name in list(os.environ):
+        if name.upper().endswith("_PROXY"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """Start a service with downloads on; it and its workers are killed at the end of the test."""
+    started: list[Service] = []
+
+    def start(**env: str) -> Service:
+        service = Service(tmp_path / "data", env=DOWNLOADS | env)
+        started.append(service)
+        service.start()
+        return service
+
+    yield start
+    for service in started:
+        service.kill_all()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def succeed(task_id: str, external: str, urls: list[str], action: str = T2V) -> bytes:
+    """A succeed callback body for this task, naming these URLs."""
+    if action == IMAGES:
+        data = fixture_json("callback_images_generations_succeed.json")
+        data["task_result"] = {"images": [{"index": n, "url": u} for n, u in enumerate(urls)]}
+    else:
+        data = fixture_json("callback_text2video_succeed.json")
+        data["task_result"] = {
+            "videos": [{"id": f"{task_id}_{n}", "url": u} for n, u in enumerate(urls)]
+        }
+    data |= {"task_id": task_id, "task_info": {"external_task_id": external}}
+    return json.dumps(data).encode()
+
+
+def deliver(service: Service, external: str, body: bytes, action: str = T2V) -> None:
+    url = service.callback_url(tokens.task_ref(external), action)
+    response = httpx.post(url, content=body, headers=JSON, trust_env=False)
+    assert response.status_code == 200, response.text
+
+
+def api(service: Service, path: str, **params: Any) -> httpx.Response:
+    return httpx.get(service.base_url + path, params=params, headers=service.admin, trust_env=False)
+
+
+def task(service: Service, task_id: str) -> dict[str, Any]:
+    response = api(service, f"/api/tasks/{task_id}")
+    assert response.status_code == 200, response.text
+    found: dict[str, Any] = response.json()
+    return found
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def archived(service: Service, task_id: str) -> Callable[[], bool]:
+    return lambda: bool(task(service, task_id)["archived"])
+
+
+def stored_files(root: Path) -> list[Path]:
+    """The downloaded files under the storage dir (not sidecars, not hidden parts)."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.suffix != ".json"
+    )
+
+
+def leftovers(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob(".*") if ".part" in p.name)
+
+
+def test_callback_ends_stored_and_archived(
+    spawn: Callable[..., Service], media: MediaServer
+) -> None:
+    """A succeed callback is downloaded by `serve`'s workers, stored with a sidecar and archived."""
+    service = spawn()
+    body = random.Random(1).randbytes(300_000)
+    url = media.add("/e2e/a.mp4", body)
+
+    deliver(service, "kr_e2e_a", succeed("e2ea", "kr_e2e_a", [url]))
+    wait_for(archived(service, "e2ea"), "the task to be archived")
+
+    (asset,) = task(service, "e2ea")["assets"]
+    assets_dir = service.data_dir / "assets"
+    assert asset["state"] == "stored"
+    assert (asset["sha256"], asset["size"]) == (sha(body), len(body))
+    assert asset["location"] == str((assets_dir / T2V / "e2ea" / "0.mp4").resolve())
+    assert Path(asset["location"]).read_bytes() == body
+    sidecar = json.loads(Path(asset["location"] + ".json").read_text())
+    assert (sidecar["task_id"], sidecar["source_url"]) == ("e2ea", url)
+    assert sidecar["sha256"] == sha(body)
+    listed = api(service, "/api/tasks", archived="true").json()["tasks"]
+    assert [t["task_id"] for t in listed] == ["e2ea"]
+    assert len(media.hits("/e2e/a.mp4")) == 1
+    assert leftovers(assets_dir) == []
+
+
+def test_killed_download_resumes_after_restart(
+    spawn: Callable[..., Service], media: MediaServer
+) -> None:
+    """SIGKILL mid-download, then a restart: the file completes by Range, with the right sha256."""
+    service = spawn(DOWNLOAD_CONCURRENCY="1", DOWNLOAD_LEASE_SECONDS="2")
+    body = random.Random(8).randbytes(8 << 20)
+    url = media.add("/e2e/big.mp4", body, [Serve(rate=2 << 20), Serve()])
+    part = service.data_dir / "assets" / T2V / "e2ebig" / ".0.part"
+
+    deliver(service, "kr_e2e_big", succeed("e2ebig", "kr_e2e_big", [url]))
+    wait_for(lambda: part.exists() and part.stat().st_size >= 2 << 20, "2 MiB on disk", 10)
+    service.stop(signal.SIGKILL)
+    held = part.stat().st_size
+    assert held < len(body)
+
+    service.start()
+    wait_for(archived(service, "e2ebig"), "the resumed download", 20)
+
+    (asset,) = task(service, "e2ebig")["assets"]
+    assert (asset["state"], asset["sha256"], asset["size"]) == ("stored", sha(body), len(body))
+    assert Path(asset["location"]).read_bytes() == body
+    first, resumed = media.hits("/e2e/big.mp4")
+    assert "Range" not in first.headers
+    assert resumed.headers["Range"] == f"bytes={held}-"
+    assert resumed.headers["If-Range"]
+    assert leftovers(service.data_dir / "assets") == []
+
+
+def test_two_worker_processes_fetch_each_file_once(
+    spawn: Callable[..., Service], media: MediaServer
+) -> None:
+    """50 tasks x 2 images, each succeed delivered twice, two workers: 100 files, 100 fetches.
+
+    The second worker has no --concurrency: DOWNLOAD_CONCURRENCY=0 turns off only serve's pool.
+    """
+    service = spawn(DOWNLOAD_CONCURRENCY="0")
+    service.start_worker("--concurrency", "3")
+    service.start_worker()
+    bodies: dict[str, bytes] = {}
+    deliveries: list[tuple[str, bytes]] = []
+    for t in range(50):
+        paths = [f"/e2e/many/{t}/{n}.png" for n in (0, 1)]
+        for path in paths:
+            bodies[path] = random.Random(path).randbytes(2000)
+            # ~0.1 s a fetch, so that both workers are busy at once.
+            media.add(path, bodies[path], [Serve(rate=20_000, content_type="image/png")])
+        external = f"kr_e2e_many_{t}"
+        url = service.callback_url(tokens.task_ref(external), IMAGES)
+        body = succeed(f"many{t}", external, [media.url(p) for p in paths], IMAGES)
+        deliveries += [(url, body), (url, body)]
+    random.Random(50).shuffle(deliveries)
+
+    outcomes = Counter(response.json()["outcome"] for response in post_all(deliveries))
+
+    assert outcomes == {"moved": 50, "duplicate": 50}
+    wait_for(
+        lambda: len(api(service, "/api/tasks", archived="true", limit=200).json()["tasks"]) == 50,
+        "all 50 tasks to be archived",
+        30,
+    )
+    assert {path: len(media.hits(path)) for path in bodies} == dict.fromkeys(bodies, 1)
+    root = service.data_dir / "assets"
+    files = stored_files(root)
+    assert len(files) == 100
+    assert sorted(sha(f.read_bytes()) for f in files) == sorted(sha(b) for b in bodies.values())
+    assert leftovers(root) == []
+    assert all(worker.poll() is None for worker in service.workers)
+    downloads = [
+        [e for e in log_entries(service.worker_log_path(n)) if e.get("message") == "download"]
+        for n in range(2)
+    ]
+    assert all(downloads), "both workers should have taken jobs"
+    started = [
+        [e["concurrency"] for e in log_entries(service.worker_log_path(n)) if "concurrency" in e]
+        for n in range(2)
+    ]
+    assert started == [[3], [4]]
+    assert sum(len(each) for each in downloads) == 100
+    assert {entry["state"] for each in downloads for entry in each} == {"stored"}
+
+
+def test_retry_from_the_cli_and_the_api_fetches_again(
+    spawn: Callable[..., Service], media: MediaServer
+) -> None:
+    """`retry --force` and POST /api/tasks/{id}/retry queue assets that are then fetched again."""
+    service = spawn(DOWNLOAD_NOT_FOUND_TRIES="1")
+    old, new = b"old bytes" * 1000, b"new bytes" * 1000
+    url = media.add("/e2e/r.mp4", old)
+    deliver(service, "kr_e2e_r", succeed("e2er", "kr_e2e_r", [url]))
+    wait_for(archived(service, "e2er"), "the first download")
+
+    nothing = service.cli("retry", "e2er")
+    assert (nothing.returncode, nothing.stdout.split()[:2]) == (0, ["queued", "0"])
+    media.add("/e2e/r.mp4", new)
+    forced = service.cli("retry", "e2er", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout.split()[:2] == ["queued", "1"]
+    wait_for(archived(service, "e2er"), "the forced download")
+
+    (asset,) = task(service, "e2er")["assets"]
+    assert (asset["state"], asset["sha256"]) == ("stored", sha(new))
+    assert "differ" in asset["error"]
+    assert Path(asset["location"]).read_bytes() == new
+    assert len(media.hits("/e2e/r.mp4")) == 2
+
+    again = httpx.post(
+        service.base_url + "/api/tasks/e2er/retry",
+        params={"force": "true"},
+        headers=service.admin,
+        trust_env=False,
+    )
+    assert again.json() == {"task_id": "e2er", "queued": 1}
+    wait_for(lambda: len(media.hits("/e2e/r.mp4")) == 3, "the third fetch")
+    wait_for(archived(service, "e2er"), "the task to be archived again")
+    assert task(service, "e2er")["assets"][0]["error"] is None  # same bytes as last time
+
+    # A failed asset comes back with a plain retry once its URL answers.
+    late = media.url("/e2e/late.mp4")
+    deliver(service, "kr_e2e_late", succeed("e2elate", "kr_e2e_late", [late]))
+    wait_for(
+        lambda: task(service, "e2elate")["assets"][0]["state"] == "failed",
+        "the 404 to fail the asset",
+    )
+    media.add("/e2e/late.mp4", new)
+    retried = httpx.post(
+        service.base_url + "/api/tasks/e2elate/retry", headers=service.admin, trust_env=False
+    )
+    assert retried.json() == {"task_id": "e2elate", "queued": 1}
+    wait_for(archived(service, "e2elate"), "the retried download")
+
+    unknown = service.cli("retry", "no-such-task")
+    assert unknown.returncode == 1
+    assert "no-such-task" in unknown.stderr
+    missing = httpx.post(
+        service.base_url + "/api/tasks/no-such-task/retry", headers=service.admin, trust_env=False
+    )
+    assert_error(missing, 404, "unknown_task", "no-such-task")
+
+
+def post_all(deliveries: list[tuple[str, bytes]]) -> list[httpx.Response]:
+    """POST every (url, body) concurrently; every one must be accepted."""
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+            return await asyncio.gather(
+                *(client.post(url, content=body, headers=JSON) for url, body in deliveries)
+            )
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * len(responses)
+    return responses
+
+
+def log_entries(path: Path) -> list[dict[str, Any]]:
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries
