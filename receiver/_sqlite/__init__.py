@@ -1,0 +1,114 @@
+"""The SQLite ledger backend: the `Ledger` protocol over one WAL-mode SQLite file.
+
+`engine` runs the writer thread and the readers, `schema` holds the tables,
+`tasks` and `assets` the SQL of each part. All of the ledger's SQL lives here.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from receiver._clock import utc_in, utc_now
+from receiver._sqlite import assets, tasks
+from receiver._sqlite.engine import Engine
+from receiver._sqlite.schema import MIGRATIONS
+from receiver.ledger import Applied, AssetJob, AssetResult, TaskPage, Update
+from receiver.models import EventRecord, TaskRecord, TaskStatus
+
+__all__ = ["MIGRATIONS", "SQLiteLedger"]
+
+
+class SQLiteLedger(Engine):
+    """The ledger in one SQLite file."""
+
+    async def apply(self, update: Update) -> Applied:
+        return await self.write(lambda conn: tasks.apply(conn, update))
+
+    async def task(self, task_id: str) -> TaskRecord | None:
+        def op(conn: sqlite3.Connection) -> TaskRecord | None:
+            row = conn.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            return None if row is None else tasks.task_record(conn, row)
+
+        return await self.read(op)
+
+    async def tasks(
+        self,
+        *,
+        status: TaskStatus | None = None,
+        archived: bool | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> TaskPage:
+        before = tasks.decode_cursor(cursor)
+
+        def op(conn: sqlite3.Connection) -> TaskPage:
+            rows = conn.execute(
+                """SELECT * FROM tasks
+                   WHERE task_id IS NOT NULL
+                     AND (:status IS NULL OR status = :status)
+                     AND (:archived IS NULL OR (archived_at IS NOT NULL) = :archived)
+                     AND (:before IS NULL OR id < :before)
+                   ORDER BY id DESC LIMIT :limit""",
+                {
+                    "status": None if status is None else status.value,
+                    "archived": archived,
+                    "before": before,
+                    "limit": limit + 1,
+                },
+            ).fetchall()
+            page = [tasks.task_record(conn, row) for row in rows[:limit]]
+            more = len(rows) > limit
+            return TaskPage(page, tasks.encode_cursor(rows[limit - 1]["id"]) if more else None)
+
+        return await self.read(op)
+
+    async def events(self, task_id: str) -> list[EventRecord] | None:
+        def op(conn: sqlite3.Connection) -> list[EventRecord] | None:
+            task = conn.execute("SELECT id FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if task is None:
+                return None
+            rows = conn.execute(
+                "SELECT * FROM events WHERE task_pk = ? ORDER BY id", (task["id"],)
+            ).fetchall()
+            return [tasks.event_record(task_id, row) for row in rows]
+
+        return await self.read(op)
+
+    async def claim_asset(self, owner: str, lease_seconds: float) -> AssetJob | None:
+        return await self.write(lambda conn: assets.claim(conn, owner, lease_seconds))
+
+    async def renew_lease(self, asset_id: int, owner: str, lease_seconds: float) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            renewed = conn.execute(
+                """UPDATE assets SET lease_expires_at = ?
+                   WHERE id = ? AND lease_owner = ? AND state = 'downloading'""",
+                (utc_in(lease_seconds), asset_id, owner),
+            )
+            return renewed.rowcount == 1
+
+        return await self.write(op)
+
+    async def settle_asset(self, asset_id: int, owner: str, result: AssetResult) -> bool:
+        return await self.write(lambda conn: assets.settle(conn, asset_id, owner, result))
+
+    async def requeue(self, task_id: str, *, force: bool = False) -> int | None:
+        def op(conn: sqlite3.Connection) -> int | None:
+            task = conn.execute("SELECT id FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if task is None:
+                return None
+            now = utc_now()
+            # Queued afresh: the retry horizon (counted from created_at) starts again too.
+            queued = conn.execute(
+                """UPDATE assets SET state = 'pending', next_attempt_at = NULL, attempts = 0,
+                                     error = NULL, created_at = ?, updated_at = ?
+                   WHERE task_pk = ? AND (state = 'failed' OR (? AND state = 'stored'))""",
+                (now, now, task["id"], force),
+            ).rowcount
+            if queued:
+                conn.execute("UPDATE tasks SET archived_at = NULL WHERE id = ?", (task["id"],))
+            return queued
+
+        return await self.write(op)
+
+    async def ping(self) -> None:
+        await self.read(lambda conn: conn.execute("SELECT 1").fetchone())

@@ -1,0 +1,83 @@
+"""Asset download jobs: claiming with a lease, settling, queueing again."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from receiver._clock import utc_in, utc_now
+from receiver.ledger import AssetJob, AssetResult
+from receiver.models import AssetKind, AssetState
+
+__all__ = ["claim", "settle"]
+
+
+def claim(conn: sqlite3.Connection, owner: str, lease_seconds: float) -> AssetJob | None:
+    now = utc_now()
+    row = conn.execute(
+        """SELECT assets.*, tasks.task_id, tasks.action, tasks.params FROM assets
+           JOIN tasks ON tasks.id = assets.task_pk
+           WHERE (assets.state = 'pending'
+                  AND (assets.next_attempt_at IS NULL OR assets.next_attempt_at <= :now))
+              OR (assets.state = 'downloading' AND assets.lease_expires_at <= :now)
+           ORDER BY assets.next_attempt_at IS NOT NULL, assets.next_attempt_at, assets.id
+           LIMIT 1""",
+        {"now": now},
+    ).fetchone()
+    if row is None:
+        return None
+    conn.execute(
+        """UPDATE assets SET state = 'downloading', lease_owner = ?, lease_expires_at = ?,
+                             updated_at = ?
+           WHERE id = ?""",
+        (owner, utc_in(lease_seconds), now, row["id"]),
+    )
+    return AssetJob(
+        asset_id=row["id"],
+        task_id=row["task_id"],
+        action=row["action"],
+        kind=AssetKind(row["kind"]),
+        index=row["idx"],
+        url=row["url"],
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        expected_sha256=row["sha256"],
+        task_params=None if row["params"] is None else json.loads(row["params"]),
+    )
+
+
+def settle(conn: sqlite3.Connection, asset_id: int, owner: str, result: AssetResult) -> bool:
+    now = utc_now()
+    settled = conn.execute(
+        """UPDATE assets SET state = ?, error = ?, next_attempt_at = ?, attempts = attempts + ?,
+                             lease_owner = NULL, lease_expires_at = NULL,
+                             location = coalesce(?, location), sha256 = coalesce(?, sha256),
+                             size = coalesce(?, size), content_type = coalesce(?, content_type),
+                             stored_at = coalesce(?, stored_at), updated_at = ?
+           WHERE id = ? AND lease_owner = ? AND state = 'downloading'""",
+        (
+            result.state.value,
+            result.error,
+            result.retry_at,
+            int(result.count_attempt),
+            result.location,
+            result.sha256,
+            result.size,
+            result.content_type,
+            result.stored_at,
+            now,
+            asset_id,
+            owner,
+        ),
+    )
+    if settled.rowcount != 1:
+        return False
+    if result.state is AssetState.stored:
+        conn.execute(
+            """UPDATE tasks SET archived_at = coalesce(archived_at, ?)
+               WHERE id = (SELECT task_pk FROM assets WHERE id = ?)
+                 AND NOT EXISTS (SELECT 1 FROM assets AS other
+                                 WHERE other.task_pk = tasks.id AND other.state != 'stored')""",
+            (now, asset_id),
+        )
+    return True

@@ -1,0 +1,160 @@
+"""The SQLite engine: WAL, one writer thread with group commit, pooled readers.
+
+Every write goes through one thread that takes whatever writes are waiting,
+runs each in its own savepoint inside one transaction and commits them together,
+so a burst of deliveries costs one fsync rather than one each. Readers use their
+own connections and never wait for the writer. Several processes may share the
+file: SQLite's lock serialises their writers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from receiver._sqlite.schema import connect, migrate
+from receiver.ledger import LedgerUnavailable
+
+__all__ = ["Engine"]
+
+T = TypeVar("T")
+_Op = Callable[[sqlite3.Connection], Any]
+_MAX_BATCH = 512
+
+
+class Engine:
+    """One SQLite file: a writer thread that commits in groups, and a pool of readers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._queue: queue.SimpleQueue[tuple[_Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+
+    async def __aenter__(self) -> Self:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = await asyncio.to_thread(self._open_writer)
+        except (OSError, sqlite3.Error) as exc:
+            raise LedgerUnavailable(f"cannot open the database at {self.path}: {exc}") from exc
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(conn,), name="ledger-writer", daemon=True
+        )
+        self._writer.start()
+        self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ledger-reader")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._writer is not None:
+            self._queue.put(None)  # drains what is queued, then stops
+            await asyncio.to_thread(self._writer.join)
+        if self._readers is not None:
+            # Forget the pool first: a read after closing is LedgerUnavailable, not RuntimeError.
+            readers, self._readers = self._readers, None
+            readers.shutdown(wait=True)
+        for conn in self._reader_conns:
+            conn.close()
+
+    # -- writing -------------------------------------------------------------
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = connect(self.path)
+        try:
+            migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._run_batch(conn, batch)
+        conn.close()
+
+    def _run_batch(
+        self, conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]]
+    ) -> None:
+        results: list[tuple[Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, _ in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((op(conn), None))
+                    conn.execute("RELEASE op")
+                except Exception as exc:  # one bad write must not sink the batch
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((None, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            failure = LedgerUnavailable(f"the database refused a write: {exc}")
+            results = [(None, failure)] * len(batch)
+        for (_, future), (value, error) in zip(batch, results, strict=True):
+            future.get_loop().call_soon_threadsafe(_settle, future, value, error)
+
+    async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None or not self._writer.is_alive():
+            raise LedgerUnavailable("the ledger is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put((op, future))
+        return await future
+
+    # -- reading -------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path)
+            self._local.conn = conn
+            self._reader_conns.append(conn)
+        return conn
+
+    async def read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            conn = self._reader()
+            conn.execute("BEGIN")  # one snapshot for all the queries of a read
+            try:
+                return op(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        if self._readers is None:
+            raise LedgerUnavailable("the ledger is closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"the database did not answer: {exc}") from exc
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)

@@ -1,0 +1,244 @@
+"""Applying updates and reading tasks and their events: the SQL of the state machine."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+
+from receiver.ledger import (
+    Applied,
+    Binding,
+    Outcome,
+    StateKey,
+    Update,
+    binding_conflict,
+    moves_forward,
+)
+from receiver.models import (
+    AssetKind,
+    AssetRecord,
+    AssetState,
+    EventRecord,
+    Source,
+    TaskRecord,
+    TaskStatus,
+)
+
+__all__ = ["apply", "decode_cursor", "encode_cursor", "event_record", "task_record"]
+
+
+def apply(conn: sqlite3.Connection, update: Update) -> Applied:
+    task, ref, now = update.task, update.ref, update.received_at
+    row = conn.execute("SELECT * FROM tasks WHERE task_id = ?", (task.task_id,)).fetchone()
+    by_ref = None
+    if ref is not None and ref.external_task_id is not None:
+        by_ref = conn.execute(
+            "SELECT * FROM tasks WHERE external_task_id = ?", (ref.external_task_id,)
+        ).fetchone()
+    reason = binding_conflict(ref, task, _binding(row), _binding(by_ref))
+    if reason is None and row is not None and by_ref is not None and row["id"] != by_ref["id"]:
+        reason = "this task is recorded under another external_task_id"
+    if reason is not None:
+        return Applied(Outcome.refused, reason=reason)
+
+    row = row if row is not None else by_ref
+    external_task_id = task.external_task_id or (ref.external_task_id if ref else None)
+    if external_task_id is not None:
+        holder = conn.execute(
+            "SELECT id FROM tasks WHERE external_task_id = ?", (external_task_id,)
+        ).fetchone()
+        if holder is not None and (row is None or holder["id"] != row["id"]):
+            # Unique per Kling account only (a shared URL may serve several): the id stays
+            # with its first task and this delivery is still kept, not lost to a UNIQUE error.
+            external_task_id = None
+    if row is None:
+        pk = conn.execute(
+            """INSERT INTO tasks (task_id, external_task_id, action, callback_ref, created_at,
+                                  updated_at, kling_created_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?)""",
+            (
+                task.task_id,
+                external_task_id,
+                update.effective_action,
+                ref.ref if ref else None,
+                now,
+                now,
+                task.created_at,
+            ),
+        ).lastrowid
+        row = conn.execute("SELECT * FROM tasks WHERE id = ?", (pk,)).fetchone()
+    else:
+        # Fill in what earlier updates could not know; never overwrite what is known.
+        conn.execute(
+            """UPDATE tasks SET task_id = coalesce(task_id, ?),
+                                external_task_id = coalesce(external_task_id, ?),
+                                action = coalesce(action, ?),
+                                callback_ref = coalesce(callback_ref, ?),
+                                kling_created_at = coalesce(kling_created_at, ?)
+               WHERE id = ?""",
+            (
+                task.task_id,
+                external_task_id,
+                update.effective_action,
+                ref.ref if ref else None,
+                task.created_at,
+                row["id"],
+            ),
+        )
+    pk = row["id"]
+
+    digest = update.digest
+    seen = conn.execute(
+        "SELECT id FROM events WHERE task_pk = ? AND digest = ?", (pk, digest)
+    ).fetchone()
+    current_status = _status(row["status"])
+    if seen is not None:
+        conn.execute(
+            """UPDATE events SET times_received = times_received + 1, last_received_at = ?
+               WHERE id = ?""",
+            (now, seen["id"]),
+        )
+        return Applied(Outcome.duplicate, current_status)
+
+    current = None
+    if row["state_digest"] is not None:
+        current = StateKey(current_status, row["kling_updated_at"], row["state_digest"])
+    incoming = StateKey(task.status, task.updated_at, digest)
+    moved = moves_forward(current, incoming)
+    conn.execute(
+        """INSERT INTO events (task_pk, source, status, body, digest, headers, remote,
+                               received_at, last_received_at, applied)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (
+            pk,
+            update.source.value,
+            task.task_status,
+            update.body,
+            digest,
+            json.dumps(dict(update.headers)),
+            update.remote,
+            now,
+            now,
+            moved,
+        ),
+    )
+    conn.execute("UPDATE tasks SET updates = updates + 1, updated_at = ? WHERE id = ?", (now, pk))
+    if not moved:
+        return Applied(Outcome.kept, current_status)
+
+    assert task.status is not None
+    conn.execute(
+        """UPDATE tasks SET status = ?, status_msg = ?, kling_updated_at = ?, state_digest = ?,
+                            terminal_source = ?
+           WHERE id = ?""",
+        (
+            task.status.value,
+            task.task_status_msg,
+            task.updated_at,
+            digest,
+            update.source.value if task.status.terminal else None,
+            pk,
+        ),
+    )
+    created = 0
+    if task.status is TaskStatus.succeed:
+        # Terminal states are final, so this runs once per task: the first succeed names the files.
+        for spec in task.assets():
+            created += conn.execute(
+                """INSERT OR IGNORE INTO assets (task_pk, kind, idx, url, remote_id, state,
+                                                 created_at, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    pk,
+                    spec.kind.value,
+                    spec.index,
+                    spec.url,
+                    spec.remote_id,
+                    AssetState.pending.value,
+                    now,
+                    now,
+                ),
+            ).rowcount
+    return Applied(Outcome.moved, task.status, assets_created=created)
+
+
+def _binding(row: sqlite3.Row | None) -> Binding | None:
+    if row is None:
+        return None
+    return Binding(row["task_id"], row["external_task_id"], row["callback_ref"])
+
+
+def _status(value: str | None) -> TaskStatus | None:
+    return None if value is None else TaskStatus(value)
+
+
+def task_record(conn: sqlite3.Connection, row: sqlite3.Row) -> TaskRecord:
+    assets = conn.execute(
+        "SELECT * FROM assets WHERE task_pk = ? ORDER BY kind DESC, idx", (row["id"],)
+    ).fetchall()
+    return TaskRecord(
+        task_id=row["task_id"],
+        action=row["action"],
+        status=_status(row["status"]),
+        status_msg=row["status_msg"],
+        external_task_id=row["external_task_id"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        kling_updated_at=row["kling_updated_at"],
+        terminal_source=_source(row["terminal_source"]),
+        updates=row["updates"],
+        archived_at=row["archived_at"],
+        assets=tuple(
+            AssetRecord(
+                kind=AssetKind(asset["kind"]),
+                index=asset["idx"],
+                url=asset["url"],
+                state=AssetState(asset["state"]),
+                location=asset["location"],
+                sha256=asset["sha256"],
+                size=asset["size"],
+                content_type=asset["content_type"],
+                attempts=asset["attempts"],
+                error=asset["error"],
+                stored_at=asset["stored_at"],
+            )
+            for asset in assets
+        ),
+    )
+
+
+def _source(value: str | None) -> Source | None:
+    return None if value is None else Source(value)
+
+
+def event_record(task_id: str, row: sqlite3.Row) -> EventRecord:
+    return EventRecord(
+        id=row["id"],
+        task_id=task_id,
+        source=Source(row["source"]),
+        status=row["status"],
+        body=row["body"],
+        headers=json.loads(row["headers"]),
+        remote=row["remote"],
+        received_at=row["received_at"],
+        last_received_at=row["last_received_at"],
+        times_received=row["times_received"],
+        applied=bool(row["applied"]),
+    )
+
+
+def encode_cursor(pk: int) -> str:
+    return base64.urlsafe_b64encode(f"id:{pk}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int | None:
+    if not cursor:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if text.startswith("id:") and 0 < (pk := int(text[3:])) < 2**63:
+            return pk  # beyond SQLite's INTEGER, the query itself would fail
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise ValueError("cursor is not one this service returned")
