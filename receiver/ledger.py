@@ -39,10 +39,13 @@ __all__ = [
     "LedgerError",
     "LedgerUnavailable",
     "Outcome",
+    "PollJob",
     "StateKey",
+    "Submission",
     "TaskPage",
     "Update",
     "binding_conflict",
+    "contradiction",
     "moves_forward",
     "open_ledger",
 ]
@@ -63,6 +66,7 @@ class Outcome(enum.StrEnum):
     kept = "kept"  # new delivery, recorded; the state stays (older, lower or unknown status)
     duplicate = "duplicate"  # the same bytes were recorded before; only counted
     refused = "refused"  # the callback URL belongs to another task; nothing recorded
+    held = "held"  # recorded; a succeed that waits for Kling's API to confirm it
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,10 @@ class Update:
     action: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     remote: str | None = None
+    # Seconds until the task is polled if it is still not finished (None: leave the schedule).
+    poll_after: float | None = None
+    # A succeed must be confirmed by a query before files are queued (VERIFY_CALLBACKS).
+    confirm: bool = False
 
     @property
     def digest(self) -> str:
@@ -129,6 +137,30 @@ class AssetResult:
 
 
 @dataclass(frozen=True, slots=True)
+class PollJob:
+    """A task whose callbacks went quiet (or whose succeed awaits confirmation), due a query."""
+
+    task_id: str
+    action: str
+    quiet_polls: int  # polls in a row that brought nothing new
+    verify: bool  # the query confirms a held succeed rather than looking for news
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A task submitted through the service, from before Kling answers."""
+
+    external_task_id: str
+    action: str
+    params: dict[str, Any]
+    state: str  # pending | accepted | refused | lost
+    task_id: str | None
+    error: str | None
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
 class TaskPage:
     tasks: list[TaskRecord]
     next_cursor: str | None
@@ -175,6 +207,15 @@ class Binding:
     task_id: str | None
     external_task_id: str | None
     callback_ref: str | None
+
+
+def contradiction(claimed: KlingTask, confirmed: KlingTask) -> str | None:
+    """How a succeed callback disagrees with what Kling's API says of the task, if it does."""
+    if confirmed.status is not TaskStatus.succeed:
+        return f"a callback said succeed, but Kling's API says {confirmed.task_status}"
+    if sorted(a.url for a in claimed.assets()) != sorted(a.url for a in confirmed.assets()):
+        return "a callback named other files than Kling's API; the API's were used"
+    return None
 
 
 def binding_conflict(
@@ -246,6 +287,47 @@ class Ledger(Protocol):
 
         Returns how many were queued, or None for an unknown task.
         """
+        ...
+
+    async def record_submission(
+        self,
+        action: str,
+        params: dict[str, Any],
+        external_task_id: str,
+        idempotency_key: str | None,
+    ) -> tuple[Submission, bool]:
+        """Record a submission before Kling is called; with a known idempotency key,
+        the earlier submission instead. The flag says whether this one is new."""
+        ...
+
+    async def submission(self, external_task_id: str) -> Submission | None: ...
+
+    async def submission_failed(self, external_task_id: str, state: str, error: str) -> None:
+        """Mark a submission that Kling refused (`refused`) or never received (`lost`)."""
+        ...
+
+    async def stale_submissions(self, older_than: float) -> list[Submission]:
+        """Submissions still pending after `older_than` seconds: their process died mid-call."""
+        ...
+
+    async def track(self, action: str, task_id: str) -> bool:
+        """Adopt a task submitted elsewhere, to be polled now; False if it was known already."""
+        ...
+
+    async def claim_polls(self, limit: int, hold_seconds: float) -> list[PollJob]:
+        """Tasks due a query, each held for `hold_seconds` so no other poller takes it."""
+        ...
+
+    async def poll_failed(self, task_id: str, retry_in: float | None, note: str | None) -> None:
+        """A query got no answer: try again in `retry_in` seconds, or (None) give up with a note."""
+        ...
+
+    async def poll_everything_in_flight(self) -> int:
+        """Schedule every unfinished task for a query now: callbacks missed while down."""
+        ...
+
+    async def stats(self) -> dict[str, int]:
+        """Durable counters: polls made, verifications, tasks whose end was learned by polling."""
         ...
 
     async def ping(self) -> None:

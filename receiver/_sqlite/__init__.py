@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 from receiver._clock import utc_in, utc_now
-from receiver._sqlite import assets, tasks
+from receiver._sqlite import assets, polls, tasks
 from receiver._sqlite.engine import Engine
 from receiver._sqlite.schema import MIGRATIONS
-from receiver.ledger import Applied, AssetJob, AssetResult, TaskPage, Update
+from receiver.ledger import Applied, AssetJob, AssetResult, PollJob, Submission, TaskPage, Update
 from receiver.models import EventRecord, TaskRecord, TaskStatus
 
 __all__ = ["MIGRATIONS", "SQLiteLedger"]
@@ -109,6 +110,43 @@ class SQLiteLedger(Engine):
             return queued
 
         return await self.write(op)
+
+    async def record_submission(
+        self,
+        action: str,
+        params: dict[str, Any],
+        external_task_id: str,
+        idempotency_key: str | None,
+    ) -> tuple[Submission, bool]:
+        return await self.write(
+            lambda conn: polls.record_submission(
+                conn, action, params, external_task_id, idempotency_key
+            )
+        )
+
+    async def submission(self, external_task_id: str) -> Submission | None:
+        return await self.read(lambda conn: polls.submission(conn, external_task_id))
+
+    async def submission_failed(self, external_task_id: str, state: str, error: str) -> None:
+        await self.write(lambda conn: polls.submission_failed(conn, external_task_id, state, error))
+
+    async def stale_submissions(self, older_than: float) -> list[Submission]:
+        return await self.read(lambda conn: polls.stale_submissions(conn, older_than))
+
+    async def track(self, action: str, task_id: str) -> bool:
+        return await self.write(lambda conn: polls.track(conn, action, task_id))
+
+    async def claim_polls(self, limit: int, hold_seconds: float) -> list[PollJob]:
+        return await self.write(lambda conn: polls.claim_polls(conn, limit, hold_seconds))
+
+    async def poll_failed(self, task_id: str, retry_in: float | None, note: str | None) -> None:
+        await self.write(lambda conn: polls.poll_failed(conn, task_id, retry_in, note))
+
+    async def poll_everything_in_flight(self) -> int:
+        return await self.write(polls.poll_everything_in_flight)
+
+    async def stats(self) -> dict[str, int]:
+        return await self.read(polls.stats)
 
     async def ping(self) -> None:
         await self.read(lambda conn: conn.execute("SELECT 1").fetchone())

@@ -43,7 +43,7 @@ MIGRATIONS: list[list[str]] = [
             last_received_at TEXT NOT NULL,
             times_received INTEGER NOT NULL DEFAULT 1,
             applied INTEGER NOT NULL,
-            UNIQUE (task_pk, digest)
+            UNIQUE (task_pk, source, digest)
         )""",
         """CREATE TABLE assets (
             id INTEGER PRIMARY KEY,
@@ -68,6 +68,20 @@ MIGRATIONS: list[list[str]] = [
             UNIQUE (task_pk, kind, idx)
         )""",
         "CREATE INDEX assets_queue ON assets (state, next_attempt_at)",
+    ],
+    [
+        # Submission through the service, and polling as the fallback for lost callbacks.
+        "ALTER TABLE tasks ADD COLUMN submission TEXT",
+        "ALTER TABLE tasks ADD COLUMN submit_error TEXT",
+        "ALTER TABLE tasks ADD COLUMN idempotency_key TEXT",
+        "CREATE UNIQUE INDEX tasks_idempotency_key ON tasks (idempotency_key)",
+        "ALTER TABLE tasks ADD COLUMN next_poll_at TEXT",
+        "ALTER TABLE tasks ADD COLUMN quiet_polls INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN polls INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN verifications INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN verify_due INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN flag TEXT",
+        "CREATE INDEX tasks_next_poll ON tasks (next_poll_at)",
     ],
 ]
 

@@ -6,6 +6,7 @@ import base64
 import json
 import sqlite3
 
+from receiver._clock import utc_in
 from receiver.ledger import (
     Applied,
     Binding,
@@ -13,6 +14,7 @@ from receiver.ledger import (
     StateKey,
     Update,
     binding_conflict,
+    contradiction,
     moves_forward,
 )
 from receiver.models import (
@@ -20,9 +22,12 @@ from receiver.models import (
     AssetRecord,
     AssetState,
     EventRecord,
+    KlingTask,
+    PayloadError,
     Source,
     TaskRecord,
     TaskStatus,
+    parse_task,
 )
 
 __all__ = ["apply", "decode_cursor", "encode_cursor", "event_record", "task_record"]
@@ -90,7 +95,8 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
 
     digest = update.digest
     seen = conn.execute(
-        "SELECT id FROM events WHERE task_pk = ? AND digest = ?", (pk, digest)
+        "SELECT id FROM events WHERE task_pk = ? AND source = ? AND digest = ?",
+        (pk, update.source.value, digest),
     ).fetchone()
     current_status = _status(row["status"])
     if seen is not None:
@@ -99,13 +105,14 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
                WHERE id = ?""",
             (now, seen["id"]),
         )
+        _after(conn, row, update, Outcome.duplicate, current_status)
         return Applied(Outcome.duplicate, current_status)
 
     current = None
     if row["state_digest"] is not None:
         current = StateKey(current_status, row["kling_updated_at"], row["state_digest"])
-    incoming = StateKey(task.status, task.updated_at, digest)
-    moved = moves_forward(current, incoming)
+    moved = moves_forward(current, StateKey(task.status, task.updated_at, digest))
+    held = moved and update.confirm and task.status is TaskStatus.succeed
     conn.execute(
         """INSERT INTO events (task_pk, source, status, body, digest, headers, remote,
                                received_at, last_received_at, applied)
@@ -120,12 +127,14 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
             update.remote,
             now,
             now,
-            moved,
+            moved and not held,
         ),
     )
     conn.execute("UPDATE tasks SET updates = updates + 1, updated_at = ? WHERE id = ?", (now, pk))
-    if not moved:
-        return Applied(Outcome.kept, current_status)
+    if held or not moved:
+        outcome = Outcome.held if held else Outcome.kept
+        _after(conn, row, update, outcome, current_status)
+        return Applied(outcome, current_status)
 
     assert task.status is not None
     conn.execute(
@@ -160,7 +169,66 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
                     now,
                 ),
             ).rowcount
+    _after(conn, row, update, Outcome.moved, task.status)
     return Applied(Outcome.moved, task.status, assets_created=created)
+
+
+def _after(
+    conn: sqlite3.Connection,
+    row: sqlite3.Row,
+    update: Update,
+    outcome: Outcome,
+    status: TaskStatus | None,
+) -> None:
+    """Poll bookkeeping: count the query, check a held succeed, schedule the next query."""
+    verifying = update.source is Source.poll and bool(row["verify_due"])
+    flag = None
+    if verifying:
+        claimed = _held_succeed(conn, row["id"])
+        flag = None if claimed is None else contradiction(claimed, update.task)
+    if outcome is Outcome.held:
+        next_poll: str | None = update.received_at  # confirm it now
+    elif status is not None and status.terminal:
+        next_poll = None
+    elif update.poll_after is not None:
+        next_poll = utc_in(update.poll_after)
+    else:
+        next_poll = row["next_poll_at"]
+    quiet = outcome in (Outcome.duplicate, Outcome.kept) and update.source is Source.poll
+    conn.execute(
+        """UPDATE tasks SET next_poll_at = ?,
+                            quiet_polls = CASE WHEN ? THEN quiet_polls + 1 ELSE 0 END,
+                            polls = polls + ?, verifications = verifications + ?,
+                            verify_due = CASE WHEN ? THEN 1 WHEN ? THEN 0 ELSE verify_due END,
+                            flag = coalesce(?, flag)
+           WHERE id = ?""",
+        (
+            next_poll,
+            quiet,
+            update.source is Source.poll and not verifying,
+            verifying,
+            outcome is Outcome.held,
+            verifying,
+            flag,
+            row["id"],
+        ),
+    )
+
+
+def _held_succeed(conn: sqlite3.Connection, pk: int) -> KlingTask | None:
+    """The latest succeed callback that waits for confirmation, as the task it claimed."""
+    held = conn.execute(
+        """SELECT body FROM events
+           WHERE task_pk = ? AND source = 'callback' AND status = 'succeed' AND applied = 0
+           ORDER BY id DESC LIMIT 1""",
+        (pk,),
+    ).fetchone()
+    if held is None:
+        return None
+    try:
+        return parse_task(json.loads(held["body"]))
+    except (ValueError, PayloadError):
+        return None
 
 
 def _binding(row: sqlite3.Row | None) -> Binding | None:

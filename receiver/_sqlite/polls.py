@@ -1,0 +1,166 @@
+"""Submissions recorded before Kling answers, and the poller's schedule."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from receiver._clock import utc_in, utc_now
+from receiver.ledger import PollJob, Submission
+
+__all__ = [
+    "claim_polls",
+    "poll_everything_in_flight",
+    "poll_failed",
+    "record_submission",
+    "stale_submissions",
+    "stats",
+    "submission",
+    "submission_failed",
+    "track",
+]
+
+# Unfinished, identified and queryable: what the poller may look at.
+_IN_FLIGHT = """task_id IS NOT NULL AND action IS NOT NULL
+                AND (status IS NULL OR status IN ('submitted', 'processing') OR verify_due = 1)"""
+
+
+def record_submission(
+    conn: sqlite3.Connection,
+    action: str,
+    params: dict[str, Any],
+    external_task_id: str,
+    idempotency_key: str | None,
+) -> tuple[Submission, bool]:
+    if idempotency_key is not None:
+        known = conn.execute(
+            "SELECT * FROM tasks WHERE idempotency_key = ?", (idempotency_key,)
+        ).fetchone()
+        if known is not None:
+            return _submission(known), False
+    now = utc_now()
+    conn.execute(
+        """INSERT INTO tasks (external_task_id, action, callback_ref, params, submission,
+                              idempotency_key, created_at, updated_at)
+           VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)""",
+        (
+            external_task_id,
+            action,
+            f"x-{external_task_id}",
+            json.dumps(params),
+            idempotency_key,
+            now,
+            now,
+        ),
+    )
+    found = submission(conn, external_task_id)
+    assert found is not None
+    return found, True
+
+
+def submission(conn: sqlite3.Connection, external_task_id: str) -> Submission | None:
+    row = conn.execute(
+        "SELECT * FROM tasks WHERE external_task_id = ? AND submission IS NOT NULL",
+        (external_task_id,),
+    ).fetchone()
+    return None if row is None else _submission(row)
+
+
+def submission_failed(
+    conn: sqlite3.Connection, external_task_id: str, state: str, error: str
+) -> None:
+    conn.execute(
+        """UPDATE tasks SET submission = ?, submit_error = ?, updated_at = ?
+           WHERE external_task_id = ? AND submission = 'pending'""",
+        (state, error, utc_now(), external_task_id),
+    )
+
+
+def stale_submissions(conn: sqlite3.Connection, older_than: float) -> list[Submission]:
+    rows = conn.execute(
+        """SELECT * FROM tasks WHERE submission = 'pending' AND task_id IS NULL
+           AND created_at <= ? ORDER BY id LIMIT 100""",
+        (utc_in(-older_than),),
+    ).fetchall()
+    return [_submission(row) for row in rows]
+
+
+def track(conn: sqlite3.Connection, action: str, task_id: str) -> bool:
+    now = utc_now()
+    known = conn.execute("SELECT id FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+    if known is not None:
+        conn.execute(
+            """UPDATE tasks SET action = coalesce(action, ?), next_poll_at = ?
+               WHERE id = ? AND (status IS NULL OR status IN ('submitted', 'processing'))""",
+            (action, now, known["id"]),
+        )
+        return False
+    conn.execute(
+        """INSERT INTO tasks (task_id, action, next_poll_at, created_at, updated_at)
+           VALUES (?, ?, ?, ?, ?)""",
+        (task_id, action, now, now, now),
+    )
+    return True
+
+
+def claim_polls(conn: sqlite3.Connection, limit: int, hold_seconds: float) -> list[PollJob]:
+    rows = conn.execute(
+        f"""SELECT * FROM tasks WHERE {_IN_FLIGHT} AND next_poll_at <= ?
+            ORDER BY next_poll_at LIMIT ?""",
+        (utc_now(), limit),
+    ).fetchall()
+    held_until = utc_in(hold_seconds)
+    jobs = []
+    for row in rows:
+        conn.execute("UPDATE tasks SET next_poll_at = ? WHERE id = ?", (held_until, row["id"]))
+        jobs.append(
+            PollJob(
+                task_id=row["task_id"],
+                action=row["action"],
+                quiet_polls=row["quiet_polls"],
+                verify=bool(row["verify_due"]),
+                created_at=row["created_at"],
+            )
+        )
+    return jobs
+
+
+def poll_failed(
+    conn: sqlite3.Connection, task_id: str, retry_in: float | None, note: str | None
+) -> None:
+    conn.execute(
+        """UPDATE tasks SET next_poll_at = ?, status_msg = coalesce(?, status_msg)
+           WHERE task_id = ?""",
+        (None if retry_in is None else utc_in(retry_in), note, task_id),
+    )
+
+
+def poll_everything_in_flight(conn: sqlite3.Connection) -> int:
+    return conn.execute(
+        f"UPDATE tasks SET next_poll_at = ? WHERE {_IN_FLIGHT}",
+        (utc_now(),),
+    ).rowcount
+
+
+def stats(conn: sqlite3.Connection) -> dict[str, int]:
+    row = conn.execute(
+        """SELECT coalesce(sum(polls), 0) AS polls,
+                  coalesce(sum(verifications), 0) AS verifications,
+                  coalesce(sum(terminal_source = 'poll'), 0) AS recovered_by_polling,
+                  coalesce(sum(flag IS NOT NULL), 0) AS flagged
+           FROM tasks"""
+    ).fetchone()
+    return dict(row)
+
+
+def _submission(row: sqlite3.Row) -> Submission:
+    return Submission(
+        external_task_id=row["external_task_id"],
+        action=row["action"],
+        params=json.loads(row["params"]) if row["params"] else {},
+        state=row["submission"],
+        task_id=row["task_id"],
+        error=row["submit_error"],
+        created_at=row["created_at"],
+    )
