@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from receiver.kling import client_for
 from receiver.ledger import LedgerUnavailable, open_ledger
+from receiver.poller import Poller
 from receiver.routes import api, callbacks
 from receiver.routes._responses import error, http_error
 from receiver.settings import Settings
@@ -51,16 +54,33 @@ def create_app(settings: Settings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_ledger(settings.database_url) as ledger, asyncio.TaskGroup() as group:
+        async with (
+            open_ledger(settings.database_url) as ledger,
+            contextlib.AsyncExitStack() as stack,
+            asyncio.TaskGroup() as group,
+        ):
             app.state.ledger = ledger
-            app.state.downloader = None
+            background = []
+            app.state.downloader = app.state.kling = app.state.poller = None
             if settings.download_concurrency:
                 app.state.downloader = downloader_for(settings, ledger)
-                workers = group.create_task(app.state.downloader.run(), name="downloads")
-            log.info("ready", extra={"public_url": settings.public_url})
+                background.append(group.create_task(app.state.downloader.run(), name="downloads"))
+            if settings.kling_configured:
+                app.state.kling = await stack.enter_async_context(client_for(settings))
+                app.state.poller = Poller(ledger, app.state.kling, settings)
+                background.append(group.create_task(app.state.poller.run(), name="poller"))
+            log.info(
+                "ready",
+                extra={
+                    "public_url": settings.public_url,
+                    "downloads": settings.download_concurrency,
+                    "polling": settings.kling_configured,
+                    "verify_callbacks": settings.verify,
+                },
+            )
             yield
-            if app.state.downloader is not None:
-                workers.cancel()  # hands unfinished jobs back; their bytes stay for a resume
+            for task in background:
+                task.cancel()  # downloads hand unfinished jobs back; their bytes stay
         log.info("stopped")
 
     app = Starlette(

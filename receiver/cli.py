@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from receiver import tokens
+from receiver._commands import add_task_commands
 from receiver._logging import configure_logging
 from receiver.settings import ConfigError, Settings, load_settings
 
@@ -86,22 +87,6 @@ async def _work(settings: Settings, concurrency: int | None) -> int:
     return 0
 
 
-def retry(settings: Settings, args: argparse.Namespace) -> int:
-    """Queue a task's failed assets again (with --force, its stored ones too)."""
-    from receiver.ledger import open_ledger
-
-    async def requeue() -> int | None:
-        async with open_ledger(settings.database_url) as ledger:
-            return await ledger.requeue(args.task_id, force=args.force)
-
-    queued = asyncio.run(requeue())
-    if queued is None:
-        print(f"kling-receiver: no task {args.task_id!r} is recorded", file=sys.stderr)
-        return 1
-    print(f"queued {queued} asset(s) of task {args.task_id} for download")
-    return 0
-
-
 def callback_url(settings: Settings, args: argparse.Namespace) -> int:
     """Print a callback URL to paste into a task submitted by hand."""
     if args.external_task_id:
@@ -129,12 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     work.set_defaults(handler=worker)
 
-    again = commands.add_parser("retry", help="download a task's failed assets again")
-    again.add_argument("task_id")
-    again.add_argument(
-        "--force", action="store_true", help="also fetch stored assets again and compare hashes"
-    )
-    again.set_defaults(handler=retry)
+    add_task_commands(commands)
 
     url = commands.add_parser(
         "callback-url", help="print a callback URL for a task submitted by hand"

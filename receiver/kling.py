@@ -25,8 +25,17 @@ import httpx
 import jwt
 
 from receiver.models import ACTION_PATTERN, TASK_ID_PATTERN
+from receiver.settings import Settings
 
-__all__ = ["Backoff", "KlingAPIError", "KlingClient", "KlingError", "KlingUnavailable", "Reply"]
+__all__ = [
+    "Backoff",
+    "KlingAPIError",
+    "KlingClient",
+    "KlingError",
+    "KlingUnavailable",
+    "Reply",
+    "client_for",
+]
 
 JWT_LIFETIME = 1800  # seconds, as Kling's own examples use
 _REFRESH_MARGIN = 300  # a token is replaced this long before it expires
@@ -184,3 +193,19 @@ def _path(action: str) -> str:
     if not ACTION_PATTERN.fullmatch(action):
         raise ValueError(f"action must look like 'videos/text2video', got {action!r}")
     return f"v1/{action}"
+
+
+def client_for(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+) -> KlingClient:
+    """The client that KLING_API_BASE and the KLING_* credentials describe."""
+    api_key = settings.kling_api_key
+    secret_key = settings.kling_secret_key
+    return KlingClient(
+        settings.kling_api_base,
+        api_key=api_key.get_secret_value() if api_key else None,
+        access_key=settings.kling_access_key,
+        secret_key=secret_key.get_secret_value() if secret_key else None,
+        backoff=Backoff(base=settings.kling_retry_base_seconds),
+        transport=transport,
+    )

@@ -251,6 +251,8 @@ class TaskRecord:
     kling_updated_at: int | None
     terminal_source: Source | None
     updates: int
+    polls: int
+    flag: str | None
     archived_at: str | None
     assets: tuple[AssetRecord, ...]
 

@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     download_retry_base_seconds: float = Field(default=2.0, ge=0)
     download_not_found_tries: int = Field(default=5, ge=1)
     download_read_timeout: float = Field(default=60.0, gt=0)
+    verify_callbacks: bool | None = None
+    poll_after: float | None = Field(default=None, gt=0)
+    poll_interval: float = Field(default=30.0, gt=0)
+    poll_max_interval: float = Field(default=600.0, gt=0)
+    poll_give_up_hours: float = Field(default=48.0, gt=0)
+    poll_tick_seconds: float = Field(default=5.0, gt=0)
+    submit_reconcile_after: float = Field(default=300.0, gt=0)
+    kling_retry_base_seconds: float = Field(default=1.0, ge=0)
     log_level: str = "INFO"
 
     # Names of the secrets that came from the generated file rather than the environment.
@@ -113,6 +121,17 @@ class Settings(BaseSettings):
         if bool(self.kling_access_key) != bool(self.kling_secret_key):
             raise ValueError("KLING_ACCESS_KEY and KLING_SECRET_KEY must be set together")
         return self
+
+    @property
+    def kling_configured(self) -> bool:
+        """Whether the service can call Kling's API (an API key, or an access/secret key pair)."""
+        return self.kling_api_key is not None or self.kling_access_key is not None
+
+    @property
+    def verify(self) -> bool:
+        """VERIFY_CALLBACKS, which defaults to on whenever the API can be called."""
+        wanted = self.kling_configured if self.verify_callbacks is None else self.verify_callbacks
+        return wanted and self.kling_configured
 
     @property
     def allowed_hosts(self) -> tuple[str, ...]:

@@ -80,7 +80,9 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
                                 external_task_id = coalesce(external_task_id, ?),
                                 action = coalesce(action, ?),
                                 callback_ref = coalesce(callback_ref, ?),
-                                kling_created_at = coalesce(kling_created_at, ?)
+                                kling_created_at = coalesce(kling_created_at, ?),
+                                submission = CASE WHEN submission = 'pending'
+                                             THEN 'accepted' ELSE submission END
                WHERE id = ?""",
             (
                 task.task_id,
@@ -256,6 +258,8 @@ def task_record(conn: sqlite3.Connection, row: sqlite3.Row) -> TaskRecord:
         kling_updated_at=row["kling_updated_at"],
         terminal_source=_source(row["terminal_source"]),
         updates=row["updates"],
+        polls=row["polls"],
+        flag=row["flag"],
         archived_at=row["archived_at"],
         assets=tuple(
             AssetRecord(

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from receiver.ledger import Ledger
 from receiver.models import AssetRecord, EventRecord, TaskRecord, TaskStatus
 from receiver.routes._responses import error
+from receiver.submit import SubmitError, submit
 
 __all__ = ["AdminAuth", "routes", "task_json"]
 
@@ -71,6 +72,8 @@ def task_json(task: TaskRecord) -> dict[str, Any]:
         "kling_updated_at": task.kling_updated_at,
         "learned_from": task.terminal_source,
         "updates": task.updates,
+        "polls": task.polls,
+        "flag": task.flag,
         "archived": task.archived,
         "archived_at": task.archived_at,
         "assets": [asset_json(asset) for asset in task.assets],
@@ -157,12 +160,46 @@ async def retry_task(request: Request) -> Response:
     return JSONResponse({"task_id": task_id, "queued": queued})
 
 
+async def create_task(request: Request) -> Response:
+    """Submit a task to Kling with its own callback URL: 201 with the task (200 on a replay)."""
+    client = request.app.state.kling
+    if client is None:
+        return error(
+            503,
+            "kling_not_configured",
+            "Set KLING_API_KEY (or KLING_ACCESS_KEY and KLING_SECRET_KEY) to submit tasks.",
+        )
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= 200 and key.isprintable()):
+        return error(400, "bad_idempotency_key", "Idempotency-Key must be 1 to 200 characters.")
+    try:
+        body = await request.json()
+    except ValueError:
+        return error(400, "bad_json", 'The body must be JSON: {"action": ..., "params": {...}}.')
+    if not isinstance(body, dict):
+        return error(422, "bad_params", "The body must be an object with action and params.")
+    try:
+        task, new = await submit(
+            _ledger(request),
+            client,
+            request.app.state.settings,
+            body.get("action"),
+            body.get("params"),
+            key,
+        )
+    except SubmitError as exc:
+        return JSONResponse(exc.as_json(), exc.status_code)
+    return JSONResponse(task_json(task), 201 if new else 200)
+
+
 async def stats(request: Request) -> Response:
-    return JSONResponse(request.app.state.stats.as_dict())
+    counters = request.app.state.stats.as_dict()
+    return JSONResponse(counters | {"ledger": await _ledger(request).stats()})
 
 
 routes = [
-    Route("/tasks", list_tasks),
+    Route("/tasks", list_tasks, methods=["GET"]),
+    Route("/tasks", create_task, methods=["POST"]),
     Route("/tasks/{task_id}", get_task),
     Route("/tasks/{task_id}/events", list_events),
     Route("/tasks/{task_id}/retry", retry_task, methods=["POST"]),

@@ -16,6 +16,7 @@ from receiver import tokens
 from receiver._clock import utc_now
 from receiver.ledger import Ledger, LedgerUnavailable, Outcome, Update
 from receiver.models import PayloadError, Source, parse_task
+from receiver.poller import poll_after
 from receiver.routes._responses import error
 from receiver.settings import Settings
 
@@ -122,6 +123,8 @@ async def receive(request: Request) -> Response:
         ref=ref,
         headers={name: request.headers[name] for name in KEPT_HEADERS if name in request.headers},
         remote=remote,
+        poll_after=poll_after(settings, ref.action),
+        confirm=request.app.state.poller is not None and settings.verify,
     )
     ledger: Ledger = request.app.state.ledger
     try:
@@ -139,6 +142,8 @@ async def receive(request: Request) -> Response:
     request.app.state.stats.deliveries[applied.outcome.value] += 1
     if applied.assets_created and request.app.state.downloader is not None:
         request.app.state.downloader.wake()
+    if applied.outcome is Outcome.held:
+        request.app.state.poller.wake()  # confirm it with one query, off this request
     log.info(
         "delivery",
         extra={

@@ -28,6 +28,8 @@ TASK_FIELDS = {
     "kling_updated_at",
     "learned_from",
     "updates",
+    "polls",
+    "flag",
     "archived",
     "archived_at",
     "assets",

@@ -548,9 +548,16 @@ def test_kept_headers_include_webhook_id_but_never_credentials(client: TestClien
 
 
 def stats(client: TestClient) -> dict[str, dict[str, int]]:
+    """This process's delivery counters from /api/stats (without the ledger's durable ones)."""
     response = client.get("/api/stats", headers=ADMIN)
     assert response.status_code == 200
     counters: dict[str, dict[str, int]] = response.json()
+    assert set(counters.pop("ledger")) == {
+        "polls",
+        "verifications",
+        "recovered_by_polling",
+        "flagged",
+    }
     return counters
 
 

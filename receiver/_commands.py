@@ -1,0 +1,199 @@
+"""The task commands of `kling-receiver`: submit, track, status, tasks, retry.
+
+Each opens the same ledger (and Kling client) the service uses and calls the
+same code the API does; nothing here decides anything of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from receiver.kling import KlingClient, KlingError, client_for
+from receiver.ledger import Ledger, open_ledger
+from receiver.models import PayloadError, Source, TaskRecord, TaskStatus
+from receiver.poller import poll_after, update_from_reply
+from receiver.routes.api import task_json
+from receiver.settings import ConfigError, Settings
+from receiver.submit import SubmitError, submit
+
+__all__ = ["add_task_commands"]
+
+
+def add_task_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    send = commands.add_parser("submit", help="submit a Kling task with its own callback URL")
+    send.add_argument("action", help="action/action2, e.g. videos/text2video")
+    send.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a create-request field (a text value; repeat it; use --json for other types)",
+    )
+    send.add_argument("--json", type=Path, metavar="FILE", help="the create-request fields as JSON")
+    send.add_argument("--idempotency-key", help="submitting again with this key is safe")
+    send.set_defaults(handler=_submit)
+
+    adopt = commands.add_parser("track", help="adopt a task submitted elsewhere, to be polled")
+    adopt.add_argument("action")
+    adopt.add_argument("task_id")
+    adopt.set_defaults(handler=_track)
+
+    show = commands.add_parser("status", help="show one task")
+    show.add_argument("task_id")
+    show.add_argument("--json", action="store_true", help="print the API's JSON")
+    show.set_defaults(handler=_status)
+
+    listing = commands.add_parser("tasks", help="list tasks, newest first")
+    listing.add_argument("--status", choices=[s.value for s in TaskStatus])
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true", help="print the API's JSON")
+    listing.set_defaults(handler=_tasks)
+
+    again = commands.add_parser("retry", help="download a task's failed assets again")
+    again.add_argument("task_id")
+    again.add_argument(
+        "--force", action="store_true", help="also fetch stored assets again and compare hashes"
+    )
+    again.set_defaults(handler=_retry)
+
+
+def _run(settings: Settings, work: Callable[[Ledger], Awaitable[int]]) -> int:
+    async def main() -> int:
+        async with open_ledger(settings.database_url) as ledger:
+            return await work(ledger)
+
+    return asyncio.run(main())
+
+
+def _run_with_kling(
+    settings: Settings, work: Callable[[Ledger, KlingClient], Awaitable[int]]
+) -> int:
+    if not settings.kling_configured:
+        raise ConfigError("set KLING_API_KEY, or KLING_ACCESS_KEY and KLING_SECRET_KEY")
+
+    async def with_client(ledger: Ledger) -> int:
+        async with client_for(settings) as client:
+            return await work(ledger, client)
+
+    return _run(settings, with_client)
+
+
+def _submit(settings: Settings, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    if args.json:
+        try:
+            loaded = json.loads(args.json.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {args.json}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{args.json} must hold a JSON object")
+        params |= loaded
+    for pair in args.param:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param takes KEY=VALUE, got {pair!r}")
+        params[key] = value
+
+    async def work(ledger: Ledger, client: KlingClient) -> int:
+        try:
+            task, _ = await submit(
+                ledger, client, settings, args.action, params, args.idempotency_key
+            )
+        except SubmitError as exc:
+            print(f"kling-receiver: {exc.message}", file=sys.stderr)
+            return 1
+        print(json.dumps(task_json(task), indent=2))
+        return 0
+
+    return _run_with_kling(settings, work)
+
+
+def _track(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(ledger: Ledger, client: KlingClient) -> int:
+        new = await ledger.track(args.action, args.task_id)
+        try:
+            reply = await client.query(args.action, args.task_id)
+            await ledger.apply(
+                update_from_reply(
+                    reply.data,
+                    Source.track,
+                    args.action,
+                    poll_after=poll_after(settings, args.action),
+                )
+            )
+        except (KlingError, PayloadError, ValueError) as exc:
+            print(f"kling-receiver: tracked, but the first query failed: {exc}", file=sys.stderr)
+        task = await ledger.task(args.task_id)
+        assert task is not None
+        print(("now tracking " if new else "already known; polling again: ") + _summary(task))
+        return 0
+
+    return _run_with_kling(settings, work)
+
+
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(ledger: Ledger) -> int:
+        task = await ledger.task(args.task_id)
+        if task is None:
+            print(f"kling-receiver: no task {args.task_id!r} is recorded", file=sys.stderr)
+            return 1
+        print(json.dumps(task_json(task), indent=2) if args.json else _details(task))
+        return 0
+
+    return _run(settings, work)
+
+
+def _tasks(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(ledger: Ledger) -> int:
+        status = TaskStatus(args.status) if args.status else None
+        page = await ledger.tasks(status=status, limit=max(1, min(args.limit, 200)))
+        if args.json:
+            tasks = [task_json(task) for task in page.tasks]
+            print(json.dumps({"tasks": tasks, "next_cursor": page.next_cursor}, indent=2))
+        else:
+            for task in page.tasks:
+                print(_summary(task))
+        return 0
+
+    return _run(settings, work)
+
+
+def _retry(settings: Settings, args: argparse.Namespace) -> int:
+    """Queue a task's failed assets again (with --force, its stored ones too)."""
+
+    async def work(ledger: Ledger) -> int:
+        queued = await ledger.requeue(args.task_id, force=args.force)
+        if queued is None:
+            print(f"kling-receiver: no task {args.task_id!r} is recorded", file=sys.stderr)
+            return 1
+        print(f"queued {queued} asset(s) of task {args.task_id} for download")
+        return 0
+
+    return _run(settings, work)
+
+
+def _summary(task: TaskRecord) -> str:
+    stored = sum(asset.state == "stored" for asset in task.assets)
+    state = "archived" if task.archived else f"{stored}/{len(task.assets)} stored"
+    learned = f", learned by {task.terminal_source}" if task.terminal_source else ""
+    return f"{task.task_id}  {task.action or '-'}  {task.status or 'unknown'}{learned}  ({state})"
+
+
+def _details(task: TaskRecord) -> str:
+    lines = [_summary(task)]
+    if task.status_msg:
+        lines.append(f"  message: {task.status_msg}")
+    if task.flag:
+        lines.append(f"  flagged: {task.flag}")
+    lines.append(f"  updates: {task.updates}, polls: {task.polls}, last: {task.updated_at}")
+    for asset in task.assets:
+        where = asset.location or asset.url
+        note = f"  ({asset.error})" if asset.error else ""
+        lines.append(f"  {asset.kind} {asset.index}: {asset.state}  {where}{note}")
+    return "\n".join(lines)
