@@ -67,7 +67,13 @@ def create_app(settings: Settings) -> Starlette:
                 background.append(group.create_task(app.state.downloader.run(), name="downloads"))
             if settings.kling_configured:
                 app.state.kling = await stack.enter_async_context(client_for(settings))
-                app.state.poller = Poller(ledger, app.state.kling, settings)
+                downloader = app.state.downloader
+                app.state.poller = Poller(
+                    ledger,
+                    app.state.kling,
+                    settings,
+                    on_files=downloader.wake if downloader is not None else None,
+                )
                 background.append(group.create_task(app.state.poller.run(), name="poller"))
             log.info(
                 "ready",

@@ -65,8 +65,13 @@ class KlingAPIError(KlingError):
 
     @property
     def retryable(self) -> bool:  # type: ignore[override]
-        """Rate limits (1302), concurrency (1303) and Kling's own trouble (5xxx) pass."""
-        return self.code in (1302, 1303) or 5000 <= self.code <= 5999
+        """Rate limits (1302), concurrency (1303) and Kling's own trouble (5xxx, HTTP 5xx) pass."""
+        return self.code in (1302, 1303) or 5000 <= self.code <= 5999 or self.http_status >= 500
+
+    @property
+    def maybe_done(self) -> bool:
+        """Kling's own trouble (5xxx, HTTP 5xx): a create may have gone through regardless."""
+        return 5000 <= self.code <= 5999 or self.http_status >= 500
 
     @property
     def not_found(self) -> bool:
@@ -107,6 +112,7 @@ class KlingClient:
         backoff: Backoff = Backoff(),
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not api_key and not (access_key and secret_key):
             raise ValueError("set KLING_API_KEY, or KLING_ACCESS_KEY with KLING_SECRET_KEY")
@@ -115,6 +121,7 @@ class KlingClient:
         self._access_key = access_key
         self._secret_key = secret_key
         self._backoff = backoff
+        self._clock = clock  # seconds since the epoch, as JWT claims count them
         self._token: tuple[str, float] | None = None
         self._http = httpx.AsyncClient(timeout=timeout, transport=transport, trust_env=False)
 
@@ -128,7 +135,7 @@ class KlingClient:
         """The Authorization header value: the API key, or a JWT that is valid for a while yet."""
         if self._api_key:
             return f"Bearer {self._api_key}"
-        now = time.time()
+        now = self._clock()
         if self._token is None or self._token[1] - now < _REFRESH_MARGIN:
             assert self._access_key and self._secret_key
             claims = {"iss": self._access_key, "exp": int(now) + JWT_LIFETIME, "nbf": int(now) - 5}
@@ -148,10 +155,15 @@ class KlingClient:
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> Reply:
         attempt = 1
+        resigned = False
         while True:
             try:
                 return await self._once(method, path, body)
             except KlingAPIError as exc:
+                if exc.code == 1004 and self._token is not None and not resigned:
+                    self._token = None  # expired (clocks disagree): sign a new one, once
+                    resigned = True
+                    continue
                 if not exc.retryable or attempt >= self._backoff.attempts:
                     raise
             except KlingUnavailable:

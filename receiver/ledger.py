@@ -144,7 +144,7 @@ class PollJob:
     action: str
     quiet_polls: int  # polls in a row that brought nothing new
     verify: bool  # the query confirms a held succeed rather than looking for news
-    created_at: str
+    created_at: str  # when polling began (or `track` began it again): the give-up counts from here
 
 
 @dataclass(frozen=True, slots=True)

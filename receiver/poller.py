@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,7 @@ class Poller:
     client: KlingClient
     settings: Settings
     batch: int = 16
+    on_files: Callable[[], None] | None = None  # told when an answer queued downloads
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def wake(self) -> None:
@@ -128,6 +130,7 @@ class Poller:
             log.warning("poll failed", extra={"task_id": job.task_id, "error": str(exc)})
             return
         applied = await self.ledger.apply(update)
+        self._files_queued(applied.assets_created)
         log.info(
             "poll",
             extra={
@@ -161,5 +164,10 @@ class Poller:
                 ref=ref,
                 poll_after=poll_after(self.settings, stale.action),
             )
-            await self.ledger.apply(update)
+            applied = await self.ledger.apply(update)
+            self._files_queued(applied.assets_created)
             log.info("submission reconciled", extra={"external_task_id": ext})
+
+    def _files_queued(self, count: int) -> None:
+        if count and self.on_files is not None:
+            self.on_files()

@@ -98,18 +98,14 @@ async def submit(
     try:
         reply = await client.create(action, body)
     except KlingAPIError as exc:
+        if exc.maybe_done:
+            raise _unanswered(external_task_id, exc) from exc
         reason = f"Kling refused the task (code {exc.code}): {exc.message}"
         await ledger.submission_failed(external_task_id, "refused", reason)
         status = exc.http_status if 400 <= exc.http_status < 500 else 502
         raise SubmitError(status, "kling_refused", reason + ".", exc.code, exc.request_id) from exc
     except KlingUnavailable as exc:
-        # It may have gone through: the poller reconciles it by its external_task_id.
-        raise SubmitError(
-            504,
-            "kling_unavailable",
-            f"Kling did not answer ({exc}); the submission {external_task_id} will be "
-            "reconciled, and submitting again with the same Idempotency-Key is safe.",
-        ) from exc
+        raise _unanswered(external_task_id, exc) from exc
     try:
         update = update_from_reply(
             reply.data,
@@ -124,6 +120,16 @@ async def submit(
     task = await ledger.task(update.task.task_id)
     assert task is not None
     return task, True
+
+
+def _unanswered(external_task_id: str, exc: Exception) -> SubmitError:
+    """The create may have gone through: the poller reconciles it by its external_task_id."""
+    return SubmitError(
+        504,
+        "kling_unavailable",
+        f"Kling did not answer ({exc}); the submission {external_task_id} will be "
+        "reconciled, and submitting again with the same Idempotency-Key is safe.",
+    )
 
 
 async def _replay(

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from receiver.settings import Settings, load_settings
+from tests.fake_kling import FakeKling, fake_kling
 from tests.media_server import MediaServer, media_server
-from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, Service
+from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, KLING_API_KEY, Service
 
 
 @pytest.fixture
@@ -40,3 +41,10 @@ def media() -> Iterator[MediaServer]:
     """A misbehaving-on-purpose HTTP media server on 127.0.0.1."""
     with media_server() as server:
         yield server
+
+
+@pytest.fixture
+def kling(media: MediaServer) -> Iterator[FakeKling]:
+    """A fake Kling API on 127.0.0.1 taking KLING_API_KEY, its result files on `media`."""
+    with fake_kling(media, api_key=KLING_API_KEY) as fake:
+        yield fake

@@ -19,6 +19,7 @@ from receiver import tokens
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "kling"
 CALLBACK_SECRET = "test-callback-secret-0123456789abcdef"
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+KLING_API_KEY = "test-kling-api-key-0123456789"
 
 
 def fixture_bytes(name: str) -> bytes:

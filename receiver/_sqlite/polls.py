@@ -91,9 +91,9 @@ def track(conn: sqlite3.Connection, action: str, task_id: str) -> bool:
     known = conn.execute("SELECT id FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
     if known is not None:
         conn.execute(
-            """UPDATE tasks SET action = coalesce(action, ?), next_poll_at = ?
+            """UPDATE tasks SET action = coalesce(action, ?), next_poll_at = ?, polls_since = ?
                WHERE id = ? AND (status IS NULL OR status IN ('submitted', 'processing'))""",
-            (action, now, known["id"]),
+            (action, now, now, known["id"]),
         )
         return False
     conn.execute(
@@ -120,7 +120,7 @@ def claim_polls(conn: sqlite3.Connection, limit: int, hold_seconds: float) -> li
                 action=row["action"],
                 quiet_polls=row["quiet_polls"],
                 verify=bool(row["verify_due"]),
-                created_at=row["created_at"],
+                created_at=row["polls_since"] or row["created_at"],
             )
         )
     return jobs

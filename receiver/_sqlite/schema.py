@@ -83,6 +83,10 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE tasks ADD COLUMN flag TEXT",
         "CREATE INDEX tasks_next_poll ON tasks (next_poll_at)",
     ],
+    [
+        # `track` on a known task starts polling again: the give-up horizon counts from then.
+        "ALTER TABLE tasks ADD COLUMN polls_since TEXT",
+    ],
 ]
 
 

@@ -114,7 +114,9 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
     if row["state_digest"] is not None:
         current = StateKey(current_status, row["kling_updated_at"], row["state_digest"])
     moved = moves_forward(current, StateKey(task.status, task.updated_at, digest))
-    held = moved and update.confirm and task.status is TaskStatus.succeed
+    # Only a task whose action is known can be queried; holding any other would hold it forever.
+    queryable = (row["action"] or update.effective_action) is not None
+    held = moved and update.confirm and task.status is TaskStatus.succeed and queryable
     conn.execute(
         """INSERT INTO events (task_pk, source, status, body, digest, headers, remote,
                                received_at, last_received_at, applied)
@@ -139,6 +141,10 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
         return Applied(outcome, current_status)
 
     assert task.status is not None
+    learned_from = update.source if task.status.terminal else None
+    if learned_from is Source.poll and row["verify_due"] and task.status is TaskStatus.succeed:
+        # The query only confirmed what a held succeed callback said: the callback told us.
+        learned_from = Source.callback
     conn.execute(
         """UPDATE tasks SET status = ?, status_msg = ?, kling_updated_at = ?, state_digest = ?,
                             terminal_source = ?
@@ -148,7 +154,7 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
             task.task_status_msg,
             task.updated_at,
             digest,
-            update.source.value if task.status.terminal else None,
+            None if learned_from is None else learned_from.value,
             pk,
         ),
     )
@@ -190,6 +196,9 @@ def _after(
         flag = None if claimed is None else contradiction(claimed, update.task)
     if outcome is Outcome.held:
         next_poll: str | None = update.received_at  # confirm it now
+    elif row["verify_due"] and not verifying:
+        # A held succeed still awaits its confirming query: a duplicate must not put it off.
+        next_poll = row["next_poll_at"]
     elif status is not None and status.terminal:
         next_poll = None
     elif update.poll_after is not None:
