@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,13 +189,60 @@ class Service:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def log_entries(self) -> list[dict[str, Any]]:
-        entries = []
-        for line in self.log().splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                continue
-        return entries
+        return json_lines(self.log())
+
+    def api(self, path: str, **params: Any) -> httpx.Response:
+        """GET an admin API path of this service."""
+        return httpx.get(self.base_url + path, params=params, headers=self.admin, trust_env=False)
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        """The task's JSON from the API; it must exist."""
+        response = self.api(f"/api/tasks/{task_id}")
+        assert response.status_code == 200, response.text
+        found: dict[str, Any] = response.json()
+        return found
+
+    def archived(self, task_id: str) -> Callable[[], bool]:
+        """A check for `wait_for`: the task is archived."""
+        return lambda: bool(self.task(task_id)["archived"])
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of a log, one a line; other lines are skipped."""
+    entries = []
+    for line in text.splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    """Poll `check` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def post_all(deliveries: list[tuple[str, bytes]], concurrency: int = 64) -> list[httpx.Response]:
+    """POST every (url, body) at once, at most `concurrency` in flight; responses in order."""
+
+    async def run() -> list[httpx.Response]:
+        gate = asyncio.Semaphore(concurrency)
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(limits=limits, timeout=30, trust_env=False) as client:
+
+            async def one(url: str, content: bytes) -> httpx.Response:
+                async with gate:
+                    return await client.post(
+                        url, content=content, headers={"Content-Type": "application/json"}
+                    )
+
+            return await asyncio.gather(*(one(url, content) for url, content in deliveries))
+
+    return asyncio.run(run())
 
 
 def assert_error(response: Any, status_code: int, code: str, *words: str) -> None:

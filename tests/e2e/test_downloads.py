@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import os
 import random
 import signal
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from receiver import tokens
 from tests.media_server import MediaServer, Serve
-from tests.support import Service, assert_error, fixture_json
+from tests.support import Service, assert_error, fixture_json, json_lines, post_all, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -32,14 +28,6 @@ DOWNLOADS = {
     "DOWNLOAD_RETRY_BASE_SECONDS": "0.05",
     "DOWNLOAD_CONCURRENCY": "2",
 }
-
-
-@pytest.fixture(autouse=True)
-def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep every request of these tests on loopback, whatever proxy the environment names."""
-    for name in list(os.environ):
-        if name.upper().endswith("_PROXY"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -82,28 +70,6 @@ def deliver(service: Service, external: str, body: bytes, action: str = T2V) -> 
     assert response.status_code == 200, response.text
 
 
-def api(service: Service, path: str, **params: Any) -> httpx.Response:
-    return httpx.get(service.base_url + path, params=params, headers=service.admin, trust_env=False)
-
-
-def task(service: Service, task_id: str) -> dict[str, Any]:
-    response = api(service, f"/api/tasks/{task_id}")
-    assert response.status_code == 200, response.text
-    found: dict[str, Any] = response.json()
-    return found
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def archived(service: Service, task_id: str) -> Callable[[], bool]:
-    return lambda: bool(task(service, task_id)["archived"])
-
-
 def stored_files(root: Path) -> list[Path]:
     """The downloaded files under the storage dir (not sidecars, not hidden parts)."""
     return sorted(
@@ -126,9 +92,9 @@ def test_callback_ends_stored_and_archived(
     url = media.add("/e2e/a.mp4", body)
 
     deliver(service, "kr_e2e_a", succeed("e2ea", "kr_e2e_a", [url]))
-    wait_for(archived(service, "e2ea"), "the task to be archived")
+    wait_for(service.archived("e2ea"), "the task to be archived")
 
-    (asset,) = task(service, "e2ea")["assets"]
+    (asset,) = service.task("e2ea")["assets"]
     assets_dir = service.data_dir / "assets"
     assert asset["state"] == "stored"
     assert (asset["sha256"], asset["size"]) == (sha(body), len(body))
@@ -137,7 +103,7 @@ def test_callback_ends_stored_and_archived(
     sidecar = json.loads(Path(asset["location"] + ".json").read_text())
     assert (sidecar["task_id"], sidecar["source_url"]) == ("e2ea", url)
     assert sidecar["sha256"] == sha(body)
-    listed = api(service, "/api/tasks", archived="true").json()["tasks"]
+    listed = service.api("/api/tasks", archived="true").json()["tasks"]
     assert [t["task_id"] for t in listed] == ["e2ea"]
     assert len(media.hits("/e2e/a.mp4")) == 1
     assert leftovers(assets_dir) == []
@@ -159,9 +125,9 @@ def test_killed_download_resumes_after_restart(
     assert held < len(body)
 
     service.start()
-    wait_for(archived(service, "e2ebig"), "the resumed download", 20)
+    wait_for(service.archived("e2ebig"), "the resumed download", 20)
 
-    (asset,) = task(service, "e2ebig")["assets"]
+    (asset,) = service.task("e2ebig")["assets"]
     assert (asset["state"], asset["sha256"], asset["size"]) == ("stored", sha(body), len(body))
     assert Path(asset["location"]).read_bytes() == body
     first, resumed = media.hits("/e2e/big.mp4")
@@ -195,11 +161,13 @@ def test_two_worker_processes_fetch_each_file_once(
         deliveries += [(url, body), (url, body)]
     random.Random(50).shuffle(deliveries)
 
-    outcomes = Counter(response.json()["outcome"] for response in post_all(deliveries))
+    responses = post_all(deliveries)
+    assert [r.status_code for r in responses] == [200] * len(responses)
+    outcomes = Counter(response.json()["outcome"] for response in responses)
 
     assert outcomes == {"moved": 50, "duplicate": 50}
     wait_for(
-        lambda: len(api(service, "/api/tasks", archived="true", limit=200).json()["tasks"]) == 50,
+        lambda: len(service.api("/api/tasks", archived="true", limit=200).json()["tasks"]) == 50,
         "all 50 tasks to be archived",
         30,
     )
@@ -210,15 +178,10 @@ def test_two_worker_processes_fetch_each_file_once(
     assert sorted(sha(f.read_bytes()) for f in files) == sorted(sha(b) for b in bodies.values())
     assert leftovers(root) == []
     assert all(worker.poll() is None for worker in service.workers)
-    downloads = [
-        [e for e in log_entries(service.worker_log_path(n)) if e.get("message") == "download"]
-        for n in range(2)
-    ]
+    logs = [json_lines(service.worker_log_path(n).read_text()) for n in range(2)]
+    downloads = [[e for e in log if e.get("message") == "download"] for log in logs]
     assert all(downloads), "both workers should have taken jobs"
-    started = [
-        [e["concurrency"] for e in log_entries(service.worker_log_path(n)) if "concurrency" in e]
-        for n in range(2)
-    ]
+    started = [[e["concurrency"] for e in log if "concurrency" in e] for log in logs]
     assert started == [[3], [4]]
     assert sum(len(each) for each in downloads) == 100
     assert {entry["state"] for each in downloads for entry in each} == {"stored"}
@@ -232,7 +195,7 @@ def test_retry_from_the_cli_and_the_api_fetches_again(
     old, new = b"old bytes" * 1000, b"new bytes" * 1000
     url = media.add("/e2e/r.mp4", old)
     deliver(service, "kr_e2e_r", succeed("e2er", "kr_e2e_r", [url]))
-    wait_for(archived(service, "e2er"), "the first download")
+    wait_for(service.archived("e2er"), "the first download")
 
     nothing = service.cli("retry", "e2er")
     assert (nothing.returncode, nothing.stdout.split()[:2]) == (0, ["queued", "0"])
@@ -240,9 +203,9 @@ def test_retry_from_the_cli_and_the_api_fetches_again(
     forced = service.cli("retry", "e2er", "--force")
     assert forced.returncode == 0, forced.stderr
     assert forced.stdout.split()[:2] == ["queued", "1"]
-    wait_for(archived(service, "e2er"), "the forced download")
+    wait_for(service.archived("e2er"), "the forced download")
 
-    (asset,) = task(service, "e2er")["assets"]
+    (asset,) = service.task("e2er")["assets"]
     assert (asset["state"], asset["sha256"]) == ("stored", sha(new))
     assert "differ" in asset["error"]
     assert Path(asset["location"]).read_bytes() == new
@@ -256,14 +219,14 @@ def test_retry_from_the_cli_and_the_api_fetches_again(
     )
     assert again.json() == {"task_id": "e2er", "queued": 1}
     wait_for(lambda: len(media.hits("/e2e/r.mp4")) == 3, "the third fetch")
-    wait_for(archived(service, "e2er"), "the task to be archived again")
-    assert task(service, "e2er")["assets"][0]["error"] is None  # same bytes as last time
+    wait_for(service.archived("e2er"), "the task to be archived again")
+    assert service.task("e2er")["assets"][0]["error"] is None  # same bytes as last time
 
     # A failed asset comes back with a plain retry once its URL answers.
     late = media.url("/e2e/late.mp4")
     deliver(service, "kr_e2e_late", succeed("e2elate", "kr_e2e_late", [late]))
     wait_for(
-        lambda: task(service, "e2elate")["assets"][0]["state"] == "failed",
+        lambda: service.task("e2elate")["assets"][0]["state"] == "failed",
         "the 404 to fail the asset",
     )
     media.add("/e2e/late.mp4", new)
@@ -271,7 +234,7 @@ def test_retry_from_the_cli_and_the_api_fetches_again(
         service.base_url + "/api/tasks/e2elate/retry", headers=service.admin, trust_env=False
     )
     assert retried.json() == {"task_id": "e2elate", "queued": 1}
-    wait_for(archived(service, "e2elate"), "the retried download")
+    wait_for(service.archived("e2elate"), "the retried download")
 
     unknown = service.cli("retry", "no-such-task")
     assert unknown.returncode == 1
@@ -280,27 +243,3 @@ def test_retry_from_the_cli_and_the_api_fetches_again(
         service.base_url + "/api/tasks/no-such-task/retry", headers=service.admin, trust_env=False
     )
     assert_error(missing, 404, "unknown_task", "no-such-task")
-
-
-def post_all(deliveries: list[tuple[str, bytes]]) -> list[httpx.Response]:
-    """POST every (url, body) concurrently; every one must be accepted."""
-
-    async def run() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
-            return await asyncio.gather(
-                *(client.post(url, content=body, headers=JSON) for url, body in deliveries)
-            )
-
-    responses = asyncio.run(run())
-    assert [r.status_code for r in responses] == [200] * len(responses)
-    return responses
-
-
-def log_entries(path: Path) -> list[dict[str, Any]]:
-    entries = []
-    for line in path.read_text().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            continue
-    return entries

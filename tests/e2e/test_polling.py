@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -23,21 +22,13 @@ import pytest
 from receiver.ledger import open_ledger
 from tests.fake_kling import FakeKling, result
 from tests.media_server import MediaServer
-from tests.support import KLING_API_KEY, Service, fixture_json
+from tests.support import KLING_API_KEY, Service, fixture_json, wait_for
 
 pytestmark = pytest.mark.e2e
 
 T2V = "videos/text2video"
 IMAGES = "images/generations"
 PARAMS = {"prompt": "a lighthouse in a storm", "duration": "5", "mode": "std"}
-
-
-@pytest.fixture(autouse=True)
-def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep every request of these tests on loopback, whatever proxy the environment names."""
-    for name in list(os.environ):
-        if name.upper().endswith("_PROXY"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -85,15 +76,6 @@ def submit(service: Service, params: dict[str, Any] = PARAMS, action: str = T2V)
     return task_id
 
 
-def task(service: Service, task_id: str) -> dict[str, Any]:
-    response = httpx.get(
-        f"{service.base_url}/api/tasks/{task_id}", headers=service.admin, trust_env=False
-    )
-    assert response.status_code == 200, response.text
-    found: dict[str, Any] = response.json()
-    return found
-
-
 def stats(service: Service) -> dict[str, Any]:
     response = httpx.get(service.base_url + "/api/stats", headers=service.admin, trust_env=False)
     assert response.status_code == 200, response.text
@@ -101,20 +83,9 @@ def stats(service: Service) -> dict[str, Any]:
     return counters
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def archived(service: Service, task_id: str) -> Callable[[], bool]:
-    return lambda: bool(task(service, task_id)["archived"])
-
-
 def assert_stored(service: Service, kling: FakeKling, media: MediaServer, task_id: str) -> None:
     """Every file Kling's API names is stored with its bytes, fetched exactly once."""
-    found = task(service, task_id)
+    found = service.task(task_id)
     urls = kling.task(task_id).urls
     assert urls and [a["url"] for a in found["assets"]] == urls
     for asset in found["assets"]:
@@ -137,10 +108,10 @@ def test_callbacks_take_a_submitted_task_to_archived_without_a_poll(
     assert kling.send_callback(task_id) == 200
     kling.advance(task_id, files=2)
     assert kling.send_callback(task_id) == 200
-    wait_for(archived(service, task_id), "the task to be archived")
+    wait_for(service.archived(task_id), "the task to be archived")
 
     assert_stored(service, kling, media, task_id)
-    found = task(service, task_id)
+    found = service.task(task_id)
     assert (found["status"], found["learned_from"], found["flag"]) == ("succeed", "callback", None)
     verifications = 1 if verify == "true" else 0
     assert stats(service)["ledger"] == {
@@ -162,12 +133,12 @@ def test_without_callbacks_polling_finds_the_end_and_the_task_is_archived(
     task_id = submit(service, {"prompt": "three cats"}, IMAGES)
 
     kling.advance(task_id)
-    wait_for(lambda: task(service, task_id)["status"] == "processing", "a poll to see processing")
+    wait_for(lambda: service.task(task_id)["status"] == "processing", "a poll to see processing")
     kling.advance(task_id, files=3)
-    wait_for(archived(service, task_id), "the task to be archived")
+    wait_for(service.archived(task_id), "the task to be archived")
 
     assert_stored(service, kling, media, task_id)
-    found = task(service, task_id)
+    found = service.task(task_id)
     assert (found["learned_from"], found["flag"]) == ("poll", None)
     assert found["polls"] >= 2
     ledger = stats(service)["ledger"]
@@ -187,11 +158,11 @@ def test_callbacks_for_the_end_alone_are_enough(
     assert kling.send_callback(done) == 200
     kling.advance(broken, "failed", msg="Failure to pass the risk control system")
     assert kling.send_callback(broken) == 200
-    wait_for(archived(service, done), "the succeeded task to be archived")
+    wait_for(service.archived(done), "the succeeded task to be archived")
 
     assert_stored(service, kling, media, done)
-    assert task(service, done)["learned_from"] == "callback"
-    failed = task(service, broken)
+    assert service.task(done)["learned_from"] == "callback"
+    failed = service.task(broken)
     assert (failed["status"], failed["learned_from"]) == ("failed", "callback")
     assert failed["status_msg"] == "Failure to pass the risk control system"
     assert failed["assets"] == [] and not failed["archived"]
@@ -209,7 +180,7 @@ def test_duplicated_callbacks_download_each_file_once(
 
     codes = [kling.send_callback(task_id) for _ in range(3)]
     codes.append(kling.send_callback(task_id, processing))
-    wait_for(archived(service, task_id), "the task to be archived")
+    wait_for(service.archived(task_id), "the task to be archived")
 
     assert codes == [200] * 4
     assert_stored(service, kling, media, task_id)
@@ -228,10 +199,10 @@ def test_a_forged_succeed_gives_way_to_the_apis_files_and_flags_the_task(
     forged = real.as_json() | {"task_result": result(task_id, T2V, [planted])}
 
     assert kling.send_callback(task_id, forged) == 200
-    wait_for(archived(service, task_id), "the task to be archived")
+    wait_for(service.archived(task_id), "the task to be archived")
 
     assert_stored(service, kling, media, task_id)
-    found = task(service, task_id)
+    found = service.task(task_id)
     assert found["flag"] is not None and "other files" in found["flag"]
     assert media.hits("/planted/0.mp4") == []
     assert stats(service)["ledger"]["flagged"] == 1
@@ -251,14 +222,14 @@ def test_a_forged_succeed_while_kling_says_processing_is_not_believed(
     }
 
     assert kling.send_callback(task_id, forged) == 200
-    wait_for(lambda: task(service, task_id)["flag"] is not None, "the forged succeed to be checked")
+    wait_for(lambda: service.task(task_id)["flag"] is not None, "the forged succeed to be checked")
 
-    found = task(service, task_id)
+    found = service.task(task_id)
     assert found["status"] == "processing" and found["assets"] == []
     assert "processing" in found["flag"]
     kling.advance(task_id, "succeed")
     assert kling.send_callback(task_id) == 200
-    wait_for(archived(service, task_id), "the real succeed to be archived")
+    wait_for(service.archived(task_id), "the real succeed to be archived")
     assert_stored(service, kling, media, task_id)
     assert media.hits("/planted/1.mp4") == []
 
@@ -274,9 +245,9 @@ def test_a_succeed_through_a_url_without_an_action_is_archived_though_it_cannot_
 
     delivered = httpx.post(service.callback_url(), json=body, trust_env=False)
     assert delivered.json()["outcome"] == "moved"
-    wait_for(archived(service, body["task_id"]), "the task to be archived")
+    wait_for(service.archived(body["task_id"]), "the task to be archived")
 
-    (asset,) = task(service, body["task_id"])["assets"]
+    (asset,) = service.task(body["task_id"])["assets"]
     assert Path(asset["location"]).read_bytes() == kling.files[url]
     assert kling.requests == []
 
@@ -297,9 +268,9 @@ def test_tasks_in_flight_when_the_service_is_killed_are_archived_after_restart(
     service.start()
 
     for task_id in task_ids:
-        wait_for(archived(service, task_id), f"task {task_id} to be archived")
+        wait_for(service.archived(task_id), f"task {task_id} to be archived")
         assert_stored(service, kling, media, task_id)
-        assert task(service, task_id)["learned_from"] == "poll"
+        assert service.task(task_id)["learned_from"] == "poll"
     assert stats(service)["ledger"]["recovered_by_polling"] == 3
 
 
@@ -321,7 +292,7 @@ def test_submissions_left_without_an_answer_are_reconciled_by_the_running_servic
         lambda: task_listing(service) == [known.task_id], "the known submission to become a task"
     )
 
-    found = task(service, known.task_id)
+    found = service.task(known.task_id)
     assert (found["status"], found["external_task_id"]) == ("processing", "kr-crashed-known")
 
     async def states() -> list[str | None]:
@@ -359,7 +330,7 @@ def test_the_cli_submits_tracks_and_reports_tasks(
     assert tracked.stdout.startswith(f"now tracking {elsewhere.task_id}")
     assert "processing" in tracked.stdout
     kling.advance(elsewhere.task_id, "succeed")
-    wait_for(archived(service, elsewhere.task_id), "the tracked task to be archived by polling")
+    wait_for(service.archived(elsewhere.task_id), "the tracked task to be archived by polling")
     assert_stored(service, kling, media, elsewhere.task_id)
 
     status = service.cli("status", elsewhere.task_id)
@@ -368,7 +339,7 @@ def test_the_cli_submits_tracks_and_reports_tasks(
     assert elsewhere.task_id in first_line and "succeed, learned by poll" in first_line
     assert "(archived)" in first_line
     as_json = json.loads(service.cli("status", elsewhere.task_id, "--json").stdout)
-    assert as_json == task(service, elsewhere.task_id)
+    assert as_json == service.task(elsewhere.task_id)
 
     listing = service.cli("tasks", "--status", "succeed")
     assert listing.returncode == 0, listing.stderr
@@ -390,13 +361,13 @@ def test_polling_gives_up_on_a_task_that_never_ends_and_says_why(
     kling.advance(task_id)
 
     def gave_up() -> bool:
-        return "polling stopped" in (task(service, task_id)["status_msg"] or "")
+        return "polling stopped" in (service.task(task_id)["status_msg"] or "")
 
     wait_for(gave_up, "polling to stop")
     queried = len(kling.queries(task_id))
     time.sleep(0.6)  # several POLL_INTERVALs
 
     assert len(kling.queries(task_id)) == queried
-    found = task(service, task_id)
+    found = service.task(task_id)
     assert found["status"] in ("submitted", "processing") and not found["archived"]
     assert "track" in found["status_msg"]

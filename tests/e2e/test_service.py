@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
 import stat
@@ -20,7 +19,14 @@ import httpx
 import pytest
 
 from receiver import tokens
-from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, Service, fixture_bytes, fixture_json
+from tests.support import (
+    ADMIN_TOKEN,
+    CALLBACK_SECRET,
+    Service,
+    fixture_bytes,
+    fixture_json,
+    post_all,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -39,14 +45,6 @@ SAMPLES = [
     ("callback_virtual_try_on_succeed.json", "images/kolors-virtual-try-on"),
     ("callback_future_fields.json", "videos/image2video"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep every request of these tests on loopback, whatever proxy the environment names."""
-    for name in list(os.environ):
-        if name.upper().endswith("_PROXY"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -93,23 +91,6 @@ def expected_assets(payload: dict[str, Any]) -> list[tuple[str, int, str]]:
     return videos + images
 
 
-def post_all(deliveries: list[tuple[str, bytes]], concurrency: int = 64) -> list[httpx.Response]:
-    """POST every (url, body) at once, at most `concurrency` in flight; responses in order."""
-
-    async def run() -> list[httpx.Response]:
-        gate = asyncio.Semaphore(concurrency)
-        limits = httpx.Limits(max_connections=concurrency)
-        async with httpx.AsyncClient(limits=limits, timeout=30, trust_env=False) as client:
-
-            async def one(url: str, content: bytes) -> httpx.Response:
-                async with gate:
-                    return await client.post(url, content=content, headers=JSON)
-
-            return await asyncio.gather(*(one(url, content) for url, content in deliveries))
-
-    return asyncio.run(run())
-
-
 def snapshot(service: Service) -> dict[str, dict[str, Any]]:
     """Every task the read API knows, each with its events, fetched concurrently."""
 
@@ -142,10 +123,6 @@ def snapshot(service: Service) -> dict[str, dict[str, Any]]:
             }
 
     return asyncio.run(run())
-
-
-def api(service: Service, path: str) -> httpx.Response:
-    return httpx.get(service.base_url + path, headers=service.admin, trust_env=False)
 
 
 def test_shuffled_duplicated_concurrent_deliveries_end_in_the_final_state(
@@ -187,7 +164,7 @@ def test_shuffled_duplicated_concurrent_deliveries_end_in_the_final_state(
     assert outcomes["moved"] + outcomes["kept"] == 4 * 3
     video = succeed["task_result"]["videos"][0]
     for task_id, distinct in expected.items():
-        task = api(service, f"/api/tasks/{task_id}").json()
+        task = service.api(f"/api/tasks/{task_id}").json()
         assert task["status"] == "succeed"
         assert task["kling_updated_at"] == succeed["updated_at"]
         assert task["updates"] == len(distinct)
@@ -196,7 +173,7 @@ def test_shuffled_duplicated_concurrent_deliveries_end_in_the_final_state(
         assert [(a["kind"], a["index"], a["url"], a["state"]) for a in task["assets"]] == [
             ("video", 0, video["url"], "pending")
         ]
-        events = api(service, f"/api/tasks/{task_id}/events").json()["events"]
+        events = service.api(f"/api/tasks/{task_id}/events").json()["events"]
         assert sorted(e["body"].encode() for e in events) == sorted(distinct)
         assert [e["times_received"] for e in events] == [3] * len(distinct)
         applied = {e["body"].encode(): e["applied"] for e in events}
@@ -230,13 +207,13 @@ def test_forged_deliveries_are_refused_and_not_recorded(service: Service) -> Non
         assert response.status_code == status, (url, response.text)
         assert response.json()["error"] == codes[status]
 
-    events = api(service, "/api/tasks/867283741759111202/events").json()["events"]
+    events = service.api("/api/tasks/867283741759111202/events").json()["events"]
     assert [e["body"].encode() for e in events] == [genuine]
     assert events[0]["times_received"] == 1
-    task = api(service, "/api/tasks/867283741759111202").json()
+    task = service.api("/api/tasks/867283741759111202").json()
     assert task["status"] == "processing"
     assert task["assets"] == []
-    assert [t["task_id"] for t in api(service, "/api/tasks").json()["tasks"]] == [
+    assert [t["task_id"] for t in service.api("/api/tasks").json()["tasks"]] == [
         "867283741759111202"
     ]
 
@@ -357,7 +334,7 @@ def test_an_oversized_body_is_refused_quickly_and_the_service_stays_healthy(
     assert httpx.get(service.base_url + "/readyz").status_code == 200
     ok = httpx.post(url, content=fixture_bytes("callback_text2video_submitted.json"), headers=JSON)
     assert ok.status_code == 200
-    assert [t["task_id"] for t in api(service, "/api/tasks").json()["tasks"]] == [
+    assert [t["task_id"] for t in service.api("/api/tasks").json()["tasks"]] == [
         "867283741759111202"
     ]
 
@@ -400,7 +377,7 @@ def test_sigterm_lets_a_request_in_flight_finish_and_exits_zero(service: Service
     assert process.wait(20) == 0
     service.process = None
     service.start()
-    events = api(service, "/api/tasks/867283741759111202/events").json()["events"]
+    events = service.api("/api/tasks/867283741759111202/events").json()["events"]
     assert [e["body"].encode() for e in events] == [content]
 
 
