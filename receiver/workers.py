@@ -27,7 +27,7 @@ from storage import (
     Fetched,
     FetchError,
     Limits,
-    LocalSink,
+    Sink,
     StorageError,
     TooLarge,
     UrlPolicy,
@@ -84,7 +84,7 @@ class Downloader:
     """A pool of download workers sharing one ledger and one sink."""
 
     ledger: Ledger
-    sink: LocalSink
+    sink: Sink
     policy: UrlPolicy
     limits: Limits = field(default_factory=Limits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)

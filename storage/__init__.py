@@ -10,7 +10,7 @@ from storage.fetch import Fetched, Limits, Writer, fetch
 from storage.guard import UrlPolicy, is_public_address
 from storage.local import LocalSink, LocalWriter
 from storage.naming import extension
-from storage.sinks import open_sink
+from storage.sinks import Sink, SinkWriter, open_sink
 
 __all__ = [
     "FetchError",
@@ -19,7 +19,9 @@ __all__ = [
     "LocalSink",
     "LocalWriter",
     "RefusedURL",
+    "Sink",
     "SinkError",
+    "SinkWriter",
     "StorageError",
     "TooLarge",
     "UrlPolicy",

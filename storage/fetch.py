@@ -80,6 +80,10 @@ class Writer(Protocol):
         """Drop the held bytes; what follows comes with this validator."""
         ...
 
+    def begin(self, content_type: str | None, final_url: str, size: int | None) -> None:
+        """The body follows: its Content-Type, the URL it comes from, its full size if known."""
+        ...
+
     def write(self, data: memoryview) -> None: ...
 
 
@@ -171,6 +175,8 @@ def _receive(
     if expected is not None and expected > limits.max_bytes:
         raise TooLarge(url, f"the file is {expected} bytes, over the {limits.max_bytes} allowed")
 
+    content_type = response.getheader("content-type")
+    writer.begin(content_type, final_url, expected)
     digest = writer.hasher()
     size = writer.offset
     buffer = bytearray(_BUFFER)
@@ -189,7 +195,6 @@ def _receive(
         writer.write(chunk)
     if expected is not None and size != expected:
         raise FetchError(url, f"the body ended after {size} of {expected} bytes", retry=True)
-    content_type = response.getheader("content-type")
     return Fetched(url, final_url, size, digest.hexdigest(), content_type, resumed)
 
 

@@ -113,6 +113,9 @@ class LocalWriter:
             else:
                 self._meta.write_text(json.dumps({"validator": validator}))
 
+    def begin(self, content_type: str | None, final_url: str, size: int | None) -> None:
+        """Nothing to prepare: the bytes already go to the hidden .part file."""
+
     def write(self, data: memoryview) -> None:
         with self._errors():
             while data:

@@ -3,15 +3,41 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from storage._errors import SinkError
+from storage.fetch import Writer
 from storage.local import LocalSink
 
-__all__ = ["open_sink"]
+__all__ = ["Sink", "SinkWriter", "open_sink"]
 
 
-def open_sink(storage_url: str) -> LocalSink:
+class SinkWriter(Writer, Protocol):
+    """A download on its way into a sink: written by `fetch`, then committed or dropped."""
+
+    def commit(self, key: str, sidecar: dict[str, Any]) -> str:
+        """Make the bytes visible as `key`, with the JSON sidecar beside them; their location."""
+        ...
+
+    def close(self) -> None:
+        """Stop, keeping what a later attempt may resume from."""
+        ...
+
+    def discard(self) -> None:
+        """Stop and drop everything written."""
+        ...
+
+
+class Sink(Protocol):
+    """A place for files: a local directory, or (later) an S3-compatible bucket."""
+
+    def open(self, stem: str) -> SinkWriter:
+        """A writer for the key `stem` + extension."""
+        ...
+
+
+def open_sink(storage_url: str) -> Sink:
     """A local directory from a path or a `file://` URL."""
     parts = urlsplit(storage_url)
     if parts.scheme == "file":
