@@ -19,7 +19,7 @@ from starlette.routing import Mount, Route
 from receiver.kling import client_for
 from receiver.ledger import LedgerUnavailable, open_ledger
 from receiver.poller import Poller
-from receiver.routes import api, callbacks
+from receiver.routes import api, callbacks, files
 from receiver.routes._responses import error, http_error
 from receiver.settings import Settings
 from receiver.stats import Stats
@@ -94,6 +94,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             *callbacks.routes,
+            *files.routes,
             Mount(
                 "/api",
                 routes=api.routes,

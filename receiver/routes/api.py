@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -11,8 +12,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from receiver._clock import utc_in
 from receiver.ledger import Ledger
-from receiver.models import AssetRecord, EventRecord, TaskRecord, TaskStatus
+from receiver.links import file_link
+from receiver.models import AssetRecord, AssetState, EventRecord, TaskRecord, TaskStatus
 from receiver.routes._responses import error
 from receiver.submit import SubmitError, submit
 
@@ -146,6 +149,36 @@ async def list_tasks(request: Request) -> Response:
     )
 
 
+MAX_LINK_SECONDS = 7 * 24 * 3600
+
+
+async def asset_url(request: Request) -> Response:
+    """A short-lived URL to open an archived file: `{"url": ..., "expires_at": ...}`."""
+    task_id = request.path_params["task_id"]
+    query = request.query_params
+    expires_text = query.get("expires_in") or "3600"
+    if not (expires_text.isascii() and expires_text.isdigit()) or not (
+        1 <= int(expires_text) <= MAX_LINK_SECONDS
+    ):
+        return error(400, "bad_query", f"expires_in must be 1 to {MAX_LINK_SECONDS} seconds.")
+    task = await _ledger(request).task(task_id)
+    if task is None:
+        return _no_task(task_id)
+    index = request.path_params["index"]
+    kind = query.get("kind")
+    matches = [a for a in task.assets if str(a.index) == index and kind in (None, a.kind.value)]
+    if len(matches) != 1:
+        what = "no such asset" if not matches else "two assets have this index; add ?kind="
+        return error(404 if not matches else 400, "unknown_asset", f"Task {task_id}: {what}.")
+    asset = matches[0]
+    if asset.state is not AssetState.stored or asset.location is None:
+        return error(409, "not_stored", f"The asset is {asset.state.value}, not stored yet.")
+    settings = request.app.state.settings
+    seconds = int(expires_text)
+    path = file_link(settings.secret("callback_secret"), asset.location, int(time.time()) + seconds)
+    return JSONResponse({"url": settings.public_url + path, "expires_at": utc_in(seconds)})
+
+
 async def retry_task(request: Request) -> Response:
     """Queue the task's failed assets again; `?force=true` also re-fetches stored ones."""
     task_id = request.path_params["task_id"]
@@ -203,5 +236,6 @@ routes = [
     Route("/tasks/{task_id}", get_task),
     Route("/tasks/{task_id}/events", list_events),
     Route("/tasks/{task_id}/retry", retry_task, methods=["POST"]),
+    Route("/tasks/{task_id}/assets/{index}/url", asset_url),
     Route("/stats", stats),
 ]
