@@ -256,3 +256,17 @@ def assert_error(response: Any, status_code: int, code: str, *words: str) -> Non
     assert message.endswith(".") and len(message.split()) >= 5, message
     for word in words:
         assert word in message, message
+
+
+def succeed_payload(task_id: str, urls: list[str], action: str) -> dict[str, Any]:
+    """A succeed callback for `task_id` naming these URLs: images for images/…, else videos."""
+    if action.startswith("images/"):
+        data = fixture_json("callback_images_generations_succeed.json")
+        data["task_result"] = {"images": [{"index": n, "url": u} for n, u in enumerate(urls)]}
+    else:
+        data = fixture_json("callback_text2video_succeed.json")
+        data["task_result"] = {
+            "videos": [{"id": f"{task_id}_{n}", "url": u} for n, u in enumerate(urls)]
+        }
+    data["task_id"] = task_id
+    return data

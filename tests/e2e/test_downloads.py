@@ -7,7 +7,7 @@ import json
 import random
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -15,7 +15,14 @@ import pytest
 
 from receiver import tokens
 from tests.media_server import MediaServer, Serve
-from tests.support import Service, assert_error, fixture_json, json_lines, post_all, wait_for
+from tests.support import (
+    Service,
+    assert_error,
+    json_lines,
+    post_all,
+    succeed_payload,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -31,19 +38,9 @@ DOWNLOADS = {
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+def spawn(services: Callable[..., Service]) -> Callable[..., Service]:
     """Start a service with downloads on; it and its workers are killed at the end of the test."""
-    started: list[Service] = []
-
-    def start(**env: str) -> Service:
-        service = Service(tmp_path / "data", env=DOWNLOADS | env)
-        started.append(service)
-        service.start()
-        return service
-
-    yield start
-    for service in started:
-        service.kill_all()
+    return lambda **env: services(env=DOWNLOADS | env)
 
 
 def sha(data: bytes) -> str:
@@ -52,15 +49,8 @@ def sha(data: bytes) -> str:
 
 def succeed(task_id: str, external: str, urls: list[str], action: str = T2V) -> bytes:
     """A succeed callback body for this task, naming these URLs."""
-    if action == IMAGES:
-        data = fixture_json("callback_images_generations_succeed.json")
-        data["task_result"] = {"images": [{"index": n, "url": u} for n, u in enumerate(urls)]}
-    else:
-        data = fixture_json("callback_text2video_succeed.json")
-        data["task_result"] = {
-            "videos": [{"id": f"{task_id}_{n}", "url": u} for n, u in enumerate(urls)]
-        }
-    data |= {"task_id": task_id, "task_info": {"external_task_id": external}}
+    data = succeed_payload(task_id, urls, action)
+    data["task_info"] = {"external_task_id": external}
     return json.dumps(data).encode()
 
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,35 +32,22 @@ PARAMS = {"prompt": "a lighthouse in a storm", "duration": "5", "mode": "std"}
 
 
 @pytest.fixture
-def spawn(tmp_path: Path, kling: FakeKling) -> Iterator[Callable[..., Service]]:
+def spawn(services: Callable[..., Service], kling: FakeKling) -> Callable[..., Service]:
     """Start a service that submits to and polls the fake Kling; killed at the end of the test."""
-    started: list[Service] = []
-
-    def start(**env: str) -> Service:
-        service = Service(
-            tmp_path / "data",
-            env={
-                "KLING_API_BASE": kling.base_url,
-                "KLING_API_KEY": KLING_API_KEY,
-                "ALLOW_PRIVATE_DOWNLOADS": "true",
-                "DOWNLOAD_CONCURRENCY": "2",
-                "DOWNLOAD_RETRY_BASE_SECONDS": "0.05",
-                "POLL_AFTER": "1",
-                "POLL_INTERVAL": "0.2",
-                "POLL_MAX_INTERVAL": "1",
-                "POLL_TICK_SECONDS": "0.1",
-                "SUBMIT_RECONCILE_AFTER": "1",
-                "KLING_RETRY_BASE_SECONDS": "0.01",
-            }
-            | env,
-        )
-        started.append(service)
-        service.start()
-        return service
-
-    yield start
-    for service in started:
-        service.kill_all()
+    defaults = {
+        "KLING_API_BASE": kling.base_url,
+        "KLING_API_KEY": KLING_API_KEY,
+        "ALLOW_PRIVATE_DOWNLOADS": "true",
+        "DOWNLOAD_CONCURRENCY": "2",
+        "DOWNLOAD_RETRY_BASE_SECONDS": "0.05",
+        "POLL_AFTER": "1",
+        "POLL_INTERVAL": "0.2",
+        "POLL_MAX_INTERVAL": "1",
+        "POLL_TICK_SECONDS": "0.1",
+        "SUBMIT_RECONCILE_AFTER": "1",
+        "KLING_RETRY_BASE_SECONDS": "0.01",
+    }
+    return lambda **env: services(env=defaults | env)
 
 
 def submit(service: Service, params: dict[str, Any] = PARAMS, action: str = T2V) -> str:

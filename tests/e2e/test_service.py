@@ -48,21 +48,9 @@ SAMPLES = [
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+def spawn(services: Callable[..., Service]) -> Callable[..., Service]:
     """Start services on demand; each is killed at the end of the test if still running."""
-    started: list[Service] = []
-
-    def start(name: str = "data", **options: Any) -> Service:
-        service = Service(tmp_path / name, **options)
-        started.append(service)
-        service.start()
-        return service
-
-    yield start
-    for service in started:
-        if service.process is not None:
-            service.process.kill()
-            service.process.wait()
+    return services
 
 
 def body(payload: dict[str, Any]) -> bytes:

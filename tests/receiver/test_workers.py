@@ -34,7 +34,7 @@ from receiver.settings import Settings
 from receiver.workers import Downloader, asset_stem, downloader_for
 from storage import LocalSink, SinkError, UrlPolicy
 from tests.media_server import Cut, MediaServer, Serve, Short, Status
-from tests.support import ADMIN_TOKEN, fixture_json
+from tests.support import ADMIN_TOKEN, succeed_payload
 
 pytestmark = pytest.mark.anyio
 
@@ -71,15 +71,7 @@ def pool(settings: Settings, ledger: Ledger, concurrency: int = 1, **overrides: 
 
 async def queue(ledger: Ledger, task_id: str, urls: list[str], action: str = T2V) -> None:
     """Apply a succeed delivery naming these URLs (videos, or images for an images/ action)."""
-    if action.startswith("images/"):
-        data = fixture_json("callback_images_generations_succeed.json")
-        data["task_result"] = {"images": [{"index": n, "url": u} for n, u in enumerate(urls)]}
-    else:
-        data = fixture_json("callback_text2video_succeed.json")
-        data["task_result"] = {
-            "videos": [{"id": f"{task_id}_{n}", "url": u} for n, u in enumerate(urls)]
-        }
-    data["task_id"] = task_id
+    data = succeed_payload(task_id, urls, action)
     data.pop("task_info")
     raw = json.dumps(data).encode()
     ref = CallbackRef("h-workers", action) if action.startswith(("images/", "videos/")) else None
