@@ -23,7 +23,7 @@ from receiver.routes import api, callbacks, files
 from receiver.routes._responses import error, http_error
 from receiver.settings import Settings
 from receiver.stats import Stats
-from receiver.workers import downloader_for
+from receiver.workers import downloader_for, sink_for
 
 __all__ = ["create_app"]
 
@@ -36,11 +36,14 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """The process can do its work: the database answers."""
+    """The process can do its work: the database answers, and downloads have a place to go."""
     try:
         await request.app.state.ledger.ping()
     except LedgerUnavailable as exc:
         return JSONResponse({"status": "unavailable", "reason": str(exc)}, 503)
+    downloader = request.app.state.downloader
+    if downloader is not None and downloader.storage_problem is not None:
+        return JSONResponse({"status": "unavailable", "reason": downloader.storage_problem}, 503)
     return JSONResponse({"status": "ready"})
 
 
@@ -60,10 +63,11 @@ def create_app(settings: Settings) -> Starlette:
             asyncio.TaskGroup() as group,
         ):
             app.state.ledger = ledger
+            app.state.sink = sink_for(settings)
             background = []
             app.state.downloader = app.state.kling = app.state.poller = None
             if settings.download_concurrency:
-                app.state.downloader = downloader_for(settings, ledger)
+                app.state.downloader = downloader_for(settings, ledger, sink=app.state.sink)
                 background.append(group.create_task(app.state.downloader.run(), name="downloads"))
             if settings.kling_configured:
                 app.state.kling = await stack.enter_async_context(client_for(settings))

@@ -15,6 +15,7 @@ import os
 import secrets
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
@@ -47,6 +48,16 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     database_url: str = ""
     storage_url: str = ""
+    s3_endpoint_url: str = ""
+    s3_path_style: bool = False
+    s3_allow_http: bool = False
+    s3_part_size: int = Field(default=8 << 20, ge=5 << 20, le=5 << 30)
+    s3_upload_concurrency: int = Field(default=4, ge=1, le=32)
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    aws_region: str = ""
+    aws_default_region: str = ""
     callback_secret: SecretStr | None = None
     admin_token: SecretStr | None = None
     kling_api_base: str = "https://api-singapore.klingai.com"
@@ -77,7 +88,7 @@ class Settings(BaseSettings):
     # Names of the secrets that came from the generated file rather than the environment.
     _generated: tuple[str, ...] = PrivateAttr(default=())
 
-    @field_validator("public_url", "kling_api_base")
+    @field_validator("public_url", "kling_api_base", "s3_endpoint_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
         if value and not value.startswith(("http://", "https://")):
@@ -120,7 +131,21 @@ class Settings(BaseSettings):
             object.__setattr__(self, "storage_url", (self.data_dir / "assets").as_posix())
         if bool(self.kling_access_key) != bool(self.kling_secret_key):
             raise ValueError("KLING_ACCESS_KEY and KLING_SECRET_KEY must be set together")
+        if self.storage_url.startswith("s3://"):
+            self._check_s3()
         return self
+
+    def _check_s3(self) -> None:
+        if not urlsplit(self.storage_url).netloc:
+            raise ValueError("STORAGE_URL must name a bucket: s3://bucket/prefix")
+        if not (self.aws_access_key_id and self.aws_secret_access_key):
+            raise ValueError(
+                "an s3:// STORAGE_URL needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            )
+        if self.s3_endpoint_url.startswith("http://") and not self.s3_allow_http:
+            raise ValueError(
+                "S3_ENDPOINT_URL is plain http: set S3_ALLOW_HTTP=true to send files over it"
+            )
 
     @property
     def kling_configured(self) -> bool:
@@ -138,6 +163,11 @@ class Settings(BaseSettings):
         """DOWNLOAD_ALLOWED_HOSTS as lower-case host suffixes."""
         hosts = (h.strip().strip(".").lower() for h in self.download_allowed_hosts.split(","))
         return tuple(host for host in hosts if host)
+
+    @property
+    def aws_region_name(self) -> str:
+        """AWS_REGION, else AWS_DEFAULT_REGION, else us-east-1."""
+        return self.aws_region or self.aws_default_region or "us-east-1"
 
     @property
     def secrets_path(self) -> Path:

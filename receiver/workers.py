@@ -27,7 +27,9 @@ from storage import (
     Fetched,
     FetchError,
     Limits,
+    S3Options,
     Sink,
+    SinkError,
     StorageError,
     TooLarge,
     UrlPolicy,
@@ -36,7 +38,7 @@ from storage import (
     open_sink,
 )
 
-__all__ = ["Downloader", "RetryPolicy", "asset_stem", "downloader_for"]
+__all__ = ["Downloader", "RetryPolicy", "asset_stem", "downloader_for", "sink_for"]
 
 log = logging.getLogger("receiver.workers")
 
@@ -91,23 +93,64 @@ class Downloader:
     concurrency: int = 4
     lease_seconds: float = 30.0
     idle_seconds: float = 1.0
+    recheck_seconds: float = 15.0
     owner: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     )
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _storage_problem: str | None = "the storage has not been checked yet"
+    _storage_ok: asyncio.Event = field(default_factory=asyncio.Event)
+    _storage_doubt: asyncio.Event = field(default_factory=asyncio.Event)
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def storage_problem(self) -> str | None:
+        """Why no file can be stored now (credentials, bucket, disk); None when all is well."""
+        return self._storage_problem
 
     def wake(self) -> None:
         """New jobs were queued: look now rather than at the next idle tick."""
         self._wake.set()
 
     async def run(self) -> None:
-        """Run the workers until cancelled."""
+        """Run the workers until cancelled; they claim nothing while the sink cannot store."""
         async with asyncio.TaskGroup() as group:
+            group.create_task(self._watch_storage(), name="storage-check")
             for number in range(self.concurrency):
                 group.create_task(self._work(number), name=f"download-worker-{number}")
 
+    async def _watch_storage(self) -> None:
+        """Check the sink at start, and again whenever a download finds it unavailable.
+
+        While it is unavailable the workers wait (assets stay queued, their attempts
+        unspent) and it is checked every `recheck_seconds` until it takes files again.
+        """
+        while True:
+            problem = await asyncio.to_thread(self._check_sink)
+            if problem != self._storage_problem:
+                if problem is None:
+                    log.info("storage ready")
+                else:
+                    log.warning("storage unavailable; downloads wait", extra={"reason": problem})
+            self._storage_problem = problem
+            if problem is None:
+                self._storage_ok.set()
+                await self._storage_doubt.wait()
+                self._storage_doubt.clear()
+            else:
+                self._storage_ok.clear()
+                await asyncio.sleep(self.recheck_seconds)
+
+    def _check_sink(self) -> str | None:
+        try:
+            return self.sink.check()
+        except Exception as exc:  # a check that breaks says so, and is tried again
+            log.exception("cannot check the storage")
+            return f"the storage check failed: {exc!r}"
+
     async def _work(self, number: int) -> None:
         while True:
+            await self._storage_ok.wait()
             try:
                 job = await self.ledger.claim_asset(self.owner, self.lease_seconds)
             except Exception:
@@ -125,6 +168,7 @@ class Downloader:
     async def process(self, job: AssetJob) -> None:
         """Download one claimed job and record what happened; never raises but cancellation."""
         cancel = threading.Event()
+        self._loop = asyncio.get_running_loop()
         renewer = asyncio.create_task(self._renew(job, cancel))
         started = time.perf_counter()
         try:
@@ -169,6 +213,8 @@ class Downloader:
             stored_at = utc_now()
             location = writer.commit(key, _sidecar(job, fetched, stored_at))
         except StorageError as exc:
+            if isinstance(exc, SinkError) and exc.unavailable and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._storage_doubt.set)
             result = self._failure(job, exc)
             if result.state is AssetState.failed or isinstance(exc, TooLarge):
                 writer.discard()
@@ -240,13 +286,35 @@ def _sidecar(job: AssetJob, fetched: Fetched, stored_at: str) -> dict[str, objec
     }
 
 
+def sink_for(settings: Settings) -> Sink:
+    """The sink that STORAGE_URL (and, for a bucket, S3_* and AWS_*) describe."""
+    s3 = None
+    if settings.aws_access_key_id and settings.aws_secret_access_key:
+        token = settings.aws_session_token
+        s3 = S3Options(
+            access_key_id=settings.aws_access_key_id,
+            secret_access_key=settings.aws_secret_access_key.get_secret_value(),
+            session_token=token.get_secret_value() if token else None,
+            region=settings.aws_region_name,
+            endpoint_url=settings.s3_endpoint_url or None,
+            path_style=settings.s3_path_style,
+            allow_http=settings.s3_allow_http,
+            part_size=settings.s3_part_size,
+            upload_concurrency=settings.s3_upload_concurrency,
+        )
+    return open_sink(settings.storage_url, s3)
+
+
 def downloader_for(
-    settings: Settings, ledger: Ledger, concurrency: int | None = None
+    settings: Settings,
+    ledger: Ledger,
+    concurrency: int | None = None,
+    sink: Sink | None = None,
 ) -> Downloader:
     """The worker pool that DOWNLOAD_* and STORAGE_URL describe."""
     return Downloader(
         ledger=ledger,
-        sink=open_sink(settings.storage_url),
+        sink=sink or sink_for(settings),
         policy=UrlPolicy(settings.allow_private_downloads, settings.allowed_hosts),
         limits=Limits(
             max_bytes=settings.max_asset_bytes, read_timeout=settings.download_read_timeout

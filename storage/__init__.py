@@ -1,4 +1,4 @@
-"""storage: bytes from a URL into a place (a local directory, later an S3 bucket).
+"""storage: bytes from a URL into a place (a local directory, or an S3-compatible bucket).
 
 This package never imports `receiver`.
 """
@@ -10,6 +10,7 @@ from storage.fetch import Fetched, Limits, Writer, fetch
 from storage.guard import UrlPolicy, is_public_address
 from storage.local import LocalSink, LocalWriter
 from storage.naming import extension
+from storage.s3 import S3Options, S3Sink
 from storage.sinks import Sink, SinkWriter, open_sink
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "LocalSink",
     "LocalWriter",
     "RefusedURL",
+    "S3Options",
+    "S3Sink",
     "Sink",
     "SinkError",
     "SinkWriter",

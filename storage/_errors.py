@@ -51,6 +51,16 @@ class TooLarge(FetchError):
 
 
 class SinkError(StorageError):
-    """The bytes could not be written or committed where they belong."""
+    """The bytes could not be written or committed where they belong.
+
+    `unavailable` means the sink as a whole cannot take files now (credentials refused,
+    bucket missing, server unreachable): nothing is wrong with this asset in particular.
+    """
 
     retry = True
+
+    def __init__(
+        self, url: str, reason: str, *, retry: bool | None = None, unavailable: bool = False
+    ) -> None:
+        super().__init__(url, reason, retry=retry)
+        self.unavailable = unavailable

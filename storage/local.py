@@ -12,7 +12,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from storage._errors import SinkError
+from storage.naming import key_parts
 
 __all__ = ["LocalSink", "LocalWriter"]
 
-_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,254}")
 # Written bytes left dirty in the page cache before the kernel is asked to start writing them out.
 _WRITE_BEHIND = 8 << 20
 # Larger write() calls into the page cache were 2-5x slower, and erratic, on the benchmark
@@ -39,16 +38,27 @@ class LocalSink:
 
     def path(self, key: str) -> Path:
         """Where `key` lives; refuses any key that could leave the root."""
-        parts = key.split("/")
-        if not all(_PART.fullmatch(part) and set(part) != {"."} for part in parts):
-            raise SinkError(key, f"unsafe storage key {key!r}", retry=False)
-        path = self.root.joinpath(*parts)
+        path = self.root.joinpath(*key_parts(key))
         if not path.resolve().is_relative_to(self.root):
             raise SinkError(key, f"storage key {key!r} leaves the storage directory", retry=False)
         return path
 
     def location(self, key: str) -> str:
         return str(self.path(key))
+
+    def check(self) -> str | None:
+        """None when files can be written under the root; otherwise what is wrong."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"cannot create the storage directory {self.root}: {exc.strerror or exc}"
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            return f"the storage directory {self.root} is not writable by this process"
+        return None
+
+    def presign(self, location: str, seconds: int) -> str | None:
+        """None: the service itself serves local files, through links it signs."""
+        return None
 
     def open(self, stem: str) -> LocalWriter:
         """A writer for the key `stem` + extension, holding an earlier attempt's bytes."""

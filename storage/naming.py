@@ -1,11 +1,13 @@
-"""File extensions for downloaded assets, from the Content-Type or else the URL."""
+"""Storage keys: their parts, and file extensions from the Content-Type or else the URL."""
 
 from __future__ import annotations
 
 import re
 from urllib.parse import urlsplit
 
-__all__ = ["extension"]
+from storage._errors import SinkError
+
+__all__ = ["extension", "key_parts"]
 
 _BY_TYPE = {
     "video/mp4": ".mp4",
@@ -19,6 +21,7 @@ _BY_TYPE = {
     "audio/mp4": ".m4a",
     "audio/wav": ".wav",
 }
+_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,254}")
 _SUFFIX = re.compile(r"\.([A-Za-z0-9]{1,5})$")
 
 
@@ -29,3 +32,11 @@ def extension(content_type: str | None, url: str) -> str:
         return _BY_TYPE[media_type]
     match = _SUFFIX.search(urlsplit(url).path)
     return f".{match.group(1).lower()}" if match else ".bin"
+
+
+def key_parts(key: str) -> list[str]:
+    """The `/`-separated parts of a storage key; refuses any that a path or URL could misread."""
+    parts = key.split("/")
+    if not all(_PART.fullmatch(part) and set(part) != {"."} for part in parts):
+        raise SinkError(key, f"unsafe storage key {key!r}", retry=False)
+    return parts

@@ -17,9 +17,6 @@ output and glog files stay in the work directory for failure messages; its data 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import hashlib
-import hmac
 import importlib.metadata
 import json
 import os
@@ -36,9 +33,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
 
 import httpx
+
+from storage._sigv4 import sigv4_headers
 
 S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 START_ATTEMPTS = 3
@@ -99,59 +97,6 @@ def _free_port_pairs(count: int) -> list[int]:
         for sock in held:
             sock.close()
     raise SeaweedError(f"found no {count} free loopback port pairs")
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _hmac(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
-
-
-def sigv4_headers(
-    method: str,
-    url: httpx.URL,
-    body: bytes,
-    *,
-    access_key: str,
-    secret_key: str,
-    region: str,
-    headers: Mapping[str, str] | None = None,
-    now: dt.datetime | None = None,
-) -> dict[str, str]:
-    """The headers that sign a request with AWS Signature V4 for service `s3`."""
-    now = now or dt.datetime.now(dt.UTC)
-    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
-    scope = f"{now:%Y%m%d}/{region}/s3/aws4_request"
-    signed: dict[str, str] = {k.lower(): " ".join(v.split()) for k, v in (headers or {}).items()}
-    host = url.host if url.port is None else f"{url.host}:{url.port}"
-    signed.update({"host": host, "x-amz-date": amz_date, "x-amz-content-sha256": _sha256(body)})
-    query = sorted(
-        (quote(k, safe="-_.~"), quote(v, safe="-_.~")) for k, v in url.params.multi_items()
-    )
-    names = sorted(signed)
-    canonical = "\n".join(
-        [
-            method,
-            quote(url.path or "/", safe="/-_.~"),
-            "&".join(f"{k}={v}" for k, v in query),
-            "".join(f"{name}:{signed[name]}\n" for name in names),
-            ";".join(names),
-            signed["x-amz-content-sha256"],
-        ]
-    )
-    to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{_sha256(canonical.encode())}"
-    key = ("AWS4" + secret_key).encode()
-    for part in (f"{now:%Y%m%d}", region, "s3", "aws4_request"):
-        key = _hmac(key, part)
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    signed.pop("host")
-    signed["authorization"] = (
-        f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
-        f"SignedHeaders={';'.join(names)}, Signature={signature}"
-    )
-    return signed
 
 
 class SeaweedS3:

@@ -11,7 +11,6 @@ from starlette.routing import Route
 
 from receiver.links import FILES_PREFIX, open_link
 from receiver.routes._responses import error
-from storage import SinkError, open_sink
 
 __all__ = ["routes"]
 
@@ -23,10 +22,7 @@ async def serve_file(request: Request) -> Response:
     gone = error(404, "unknown_link", "This link is not valid, or it has expired.")
     if location is None:
         return gone
-    try:
-        root = getattr(open_sink(settings.storage_url), "root", None)
-    except SinkError:
-        return gone
+    root = getattr(request.app.state.sink, "root", None)
     if root is None or not await asyncio.to_thread(_servable, Path(location), root):
         return gone
     return FileResponse(location)
