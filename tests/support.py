@@ -114,7 +114,9 @@ class Service:
             timeout=timeout,
         )
 
-    def start(self) -> None:
+    def start(self, ready: bool = True) -> None:
+        """Start `serve` and wait until it answers /readyz (or only /healthz, if not `ready`)."""
+        probe = "/readyz" if ready else "/healthz"
         log = open(self.log_path, "ab")
         log_start = log.tell()
         self.process = subprocess.Popen(
@@ -130,10 +132,10 @@ class Service:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited early:\n{self.log()}")
             try:
-                ready = httpx.get(self.base_url + "/readyz", timeout=1, trust_env=False)
+                answer = httpx.get(self.base_url + probe, timeout=1, trust_env=False)
             except httpx.TransportError:
-                ready = None
-            if ready is not None and ready.status_code == 200 and self._bound_since(log_start):
+                answer = None
+            if answer is not None and answer.status_code == 200 and self._bound_since(log_start):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"service did not become ready:\n{self.log()}")
@@ -173,9 +175,9 @@ class Service:
         self.process = None
         return code
 
-    def restart(self) -> None:
+    def restart(self, ready: bool = True) -> None:
         self.stop(signal.SIGKILL)
-        self.start()
+        self.start(ready)
 
     def _bound_since(self, offset: int) -> bool:
         """Whether this process (not another that took the free port first) is listening."""

@@ -22,13 +22,13 @@ def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def services(tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    """Start services on demand (`services(name, env=..., ...)`); all killed at the end."""
+    """Start services on demand (`services(name, ready=, env=..., ...)`); all killed at the end."""
     started: list[Service] = []
 
-    def start(name: str = "data", **options: Any) -> Service:
+    def start(name: str = "data", ready: bool = True, **options: Any) -> Service:
         service = Service(tmp_path / name, **options)
         started.append(service)
-        service.start()
+        service.start(ready)
         return service
 
     yield start
