@@ -213,8 +213,6 @@ class Downloader:
             stored_at = utc_now()
             location = writer.commit(key, _sidecar(job, fetched, stored_at))
         except StorageError as exc:
-            if isinstance(exc, SinkError) and exc.unavailable and self._loop is not None:
-                self._loop.call_soon_threadsafe(self._storage_doubt.set)
             result = self._failure(job, exc)
             if result.state is AssetState.failed or isinstance(exc, TooLarge):
                 writer.discard()
@@ -238,6 +236,8 @@ class Downloader:
         )
 
     def _failure(self, job: AssetJob, error: StorageError) -> AssetResult:
+        if isinstance(error, SinkError) and error.unavailable and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._storage_doubt.set)  # have the sink checked
         delay = self.retry.delay(error, job.attempts + 1, parse_time(job.created_at))
         if delay is None and job.expected_sha256 is not None:
             # A forced re-check that cannot fetch (the CDN expired it) keeps the stored copy.

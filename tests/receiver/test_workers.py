@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import random
@@ -32,7 +33,7 @@ from receiver.models import (
 )
 from receiver.settings import Settings
 from receiver.workers import Downloader, asset_stem, downloader_for
-from storage import LocalSink, SinkError, UrlPolicy
+from storage import LocalSink, LocalWriter, SinkError, UrlPolicy
 from tests.media_server import Cut, MediaServer, Serve, Short, Status
 from tests.support import ADMIN_TOKEN, succeed_payload
 
@@ -652,3 +653,68 @@ async def test_cancelled_download_is_handed_back_and_resumed(
     assert (stored.state, stored.sha256, stored.attempts) == (AssetState.stored, sha(body), 1)
     assert media.hits("/slow.mp4")[-1].headers["Range"] == f"bytes={held}-"
     assert files(task_dir(settings, "tslow")) == ["0.mp4", "0.mp4.json"]
+
+
+class FlakySink(LocalSink):
+    """A local sink whose storage comes and goes: `problem` is what check() says, and while
+    `refuse` is set, opening a writer fails as a bucket with refused credentials does."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.problem: str | None = "the bucket refused the credentials"
+        self.refuse = False
+        self.checks = 0
+
+    def check(self) -> str | None:
+        self.checks += 1
+        return self.problem
+
+    def open(self, stem: str) -> LocalWriter:
+        if self.refuse:
+            raise SinkError(stem, "credentials refused", unavailable=True)
+        return super().open(stem)
+
+
+async def test_pool_waits_while_the_storage_cannot_take_files(
+    settings: Settings, ledger: Ledger, media: MediaServer
+) -> None:
+    """No job is claimed while the sink's check fails; a download that finds the sink gone
+    has it checked again at once, and the pool pauses until the check passes."""
+    body = payload(50_000)
+    await queue(ledger, "tgate", [media.add("/gate.mp4", body)])
+    sink = FlakySink(Path(settings.storage_url))
+    downloader = dataclasses.replace(pool(settings, ledger), sink=sink, recheck_seconds=0.05)
+    running = asyncio.create_task(downloader.run())
+    try:
+        await until(_true_when(lambda: sink.checks >= 3))
+        assert downloader.storage_problem == "the bucket refused the credentials"
+        waiting = await asset(ledger, "tgate")
+        assert (waiting.state, waiting.attempts) == (AssetState.pending, 0)
+        assert media.hits("/gate.mp4") == []
+
+        sink.refuse = True  # the check passes but the first real write finds it gone
+        sink.problem = None
+        await until(_true_when(lambda: downloader.storage_problem is None))
+        await until(_true_when(lambda: sink.checks >= 5))  # re-checked after the failure
+        failed = await asset(ledger, "tgate")
+        assert failed.state is AssetState.pending and "credentials refused" in (failed.error or "")
+
+        sink.refuse = False
+        downloader.wake()
+
+        async def stored() -> bool:
+            return (await asset(ledger, "tgate")).state is AssetState.stored
+
+        await until(stored)
+    finally:
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+    assert (await asset(ledger, "tgate")).sha256 == sha(body)
+
+
+def _true_when(predicate: Any) -> Any:
+    async def check() -> bool:
+        return bool(predicate())
+
+    return check
