@@ -8,10 +8,12 @@ JSON sidecar the same way, and fsyncs the directory.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +30,8 @@ _WRITE_BEHIND = 8 << 20
 # Larger write() calls into the page cache were 2-5x slower, and erratic, on the benchmark
 # machine (Linux 6.18, ext4; dd shows it too); 64 KiB ones ran steadily. See BENCHMARKS.md.
 _WRITE_MAX = 64 << 10
+# Below this much free space the sink reports itself unavailable and downloads wait.
+_MIN_FREE = 16 << 20
 
 
 class LocalSink:
@@ -54,6 +58,9 @@ class LocalSink:
             return f"cannot create the storage directory {self.root}: {exc.strerror or exc}"
         if not os.access(self.root, os.W_OK | os.X_OK):
             return f"the storage directory {self.root} is not writable by this process"
+        free = shutil.disk_usage(self.root).free
+        if free < _MIN_FREE:
+            return f"the disk holding {self.root} is full ({free >> 20} MiB free)"
         return None
 
     def presign(self, location: str, seconds: int) -> str | None:
@@ -89,7 +96,7 @@ class LocalWriter:
             os.lseek(self._fd, self._offset, os.SEEK_SET)
             self._unflushed_from = self._offset
         except OSError as exc:
-            raise SinkError(str(stem), f"cannot open {self._part}: {exc}") from exc
+            raise _write_error(self._part, exc) from exc
 
     @property
     def offset(self) -> int:
@@ -171,7 +178,18 @@ class LocalWriter:
         try:
             yield
         except OSError as exc:
-            raise SinkError(str(self._part), f"cannot write {self._part}: {exc}") from exc
+            raise _write_error(self._part, exc) from exc
+
+
+def _write_error(path: Path, exc: OSError) -> SinkError:
+    """A SinkError that says what a person can do; a full disk makes the whole sink unavailable."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"the disk is full: no space left to write {path} (free some, and it resumes)"
+        return SinkError(str(path), reason, unavailable=True)
+    if exc.errno == errno.EFBIG:
+        reason = f"the file size limit of this process stopped the write of {path} (EFBIG)"
+        return SinkError(str(path), reason)
+    return SinkError(str(path), f"cannot write {path}: {exc.strerror or exc}")
 
 
 def _held_validator(meta: Path) -> str | None:

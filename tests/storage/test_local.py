@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -219,8 +222,8 @@ def test_a_write_error_during_fetch_is_a_sink_error(tmp_path: Path, media: Media
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("SinkError True cannot write"), done.stdout
-    assert "too large" in done.stdout.lower()
+    assert done.stdout.startswith("SinkError True the file size limit"), done.stdout
+    assert "EFBIG" in done.stdout
 
 
 def test_open_sink_takes_a_path(tmp_path: Path) -> None:
@@ -261,3 +264,22 @@ def test_a_second_writer_for_the_same_asset_is_refused_while_the_first_writes(
     first.close()
     second = sink.open("videos/text2video/T1/0")
     second.discard()
+
+
+def test_a_full_disk_makes_the_sink_unavailable(tmp_path: Path) -> None:
+    """ENOSPC is said as a full disk, and marks the whole sink unavailable (downloads wait)."""
+    writer = LocalSink(tmp_path).open("videos/t/0")
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with mock.patch("storage.local.os.write", side_effect=full), pytest.raises(SinkError) as caught:
+        writer.write(memoryview(b"x"))
+    assert caught.value.unavailable and caught.value.retry
+    assert caught.value.reason.startswith("the disk is full: no space left to write")
+
+
+def test_check_reports_a_full_disk(tmp_path: Path) -> None:
+    """check() is None with room to write, and names the directory when the disk is full."""
+    sink = LocalSink(tmp_path / "assets")
+    assert sink.check() is None
+    usage = shutil.disk_usage(tmp_path)._replace(free=1 << 20)
+    with mock.patch("storage.local.shutil.disk_usage", return_value=usage):
+        assert sink.check() == f"the disk holding {sink.root} is full (1 MiB free)"
