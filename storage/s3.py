@@ -94,7 +94,6 @@ class S3Sink:
         self._store = self._open_store(retries=6, within=dt.timedelta(minutes=2))
         # The readiness check should answer within seconds, not wait out a long retry.
         self._probe_store = self._open_store(retries=1, within=dt.timedelta(seconds=10))
-        self._http = httpx.Client(trust_env=False, timeout=httpx.Timeout(300.0, connect=10.0))
         self._replace: set[str] = set()  # keys whose stored bytes a download turned out to differ
         self._lock = threading.Lock()
 
@@ -163,7 +162,7 @@ class S3Sink:
         except (FileNotFoundError, ValueError):  # nothing there, or a sidecar that is not ours
             return None
         except Exception as exc:
-            raise self.error(exc, "read") from exc
+            raise self.error(exc, "read", key + ".json") from exc
         return note
 
     def replace(self, key: str, replace: bool) -> None:
@@ -179,7 +178,7 @@ class S3Sink:
         try:
             obstore.put(self._store, key, body, attributes=attributes, use_multipart=False)
         except Exception as exc:
-            raise self.error(exc, "upload to") from exc
+            raise self.error(exc, "upload to", key) from exc
 
     def upload(
         self, key: str, chunks: Iterator[bytes | bytearray], content_type: str
@@ -224,22 +223,33 @@ class S3Sink:
             session_token=options.session_token,
             headers=headers,
         )
-        try:
-            response = self._http.put(url, headers=signed)
+        try:  # one call per multipart object: a connection of its own, closed at once
+            with httpx.Client(trust_env=False, timeout=httpx.Timeout(300.0, connect=10.0)) as http:
+                response = http.put(url, headers=signed)
         except httpx.HTTPError as exc:
-            raise self.error(exc, "set the metadata of") from exc
+            raise self.error(exc, "set the metadata of", key) from exc
         # CopyObject may fail after its 200 has begun: the error then comes in the body.
         if response.status_code != 200 or b"<Error>" in response.content:
             denied = response.status_code in (401, 403)
-            raise self.error(response.text, "set the metadata of", denied=denied)
+            raise self.error(response.text, "set the metadata of", key, denied=denied)
 
-    def error(self, problem: BaseException | str, doing: str, denied: bool = False) -> SinkError:
-        """A SinkError whose reason a person can act on; `unavailable` if no file can be stored."""
+    def error(
+        self,
+        problem: BaseException | str,
+        doing: str,
+        key: str | None = None,
+        denied: bool = False,
+    ) -> SinkError:
+        """A SinkError whose reason a person can act on; `unavailable` if no file can be stored.
+
+        `doing` completes "could not …" (with `key`'s location, else the prefix's).
+        """
         text = str(problem)
         denied = denied or isinstance(problem, PermissionDeniedError | UnauthenticatedError)
         match = _S3_ERROR.search(text)
         code = match.group(1) if match else None
         where = f"s3://{self.bucket}/{self.prefix}"
+        what = f"s3://{self.bucket}/{key}" if key else where
         if code in _CREDENTIALS:
             return SinkError(
                 where,
@@ -257,8 +267,8 @@ class S3Sink:
         if denied or code == "AccessDenied":
             return SinkError(
                 where,
-                f"S3 at {self.endpoint} does not let these credentials {doing} {where} "
-                f"({code or 'HTTP 403'}): they need s3:PutObject and s3:GetObject there",
+                f"S3 at {self.endpoint} does not let these credentials {doing} {what} "
+                f"({code or 'HTTP 403'}): they need s3:PutObject and s3:GetObject on {where}*",
                 unavailable=True,
             )
         if code is None and isinstance(problem, httpx.TransportError | BaseError):
@@ -268,7 +278,7 @@ class S3Sink:
                     where, f"cannot reach S3 at {self.endpoint}: {cause}", unavailable=True
                 )
         detail = f"{code}: {match.group(2) or ''}".rstrip(": ") if match else _brief(text)
-        return SinkError(where, f"S3 could not {doing} {where}: {detail}")
+        return SinkError(what, f"S3 could not {doing} {what}: {detail}")
 
     def _object_url(self, key: str) -> httpx.URL:
         path = quote(key, safe="/-_.~")
@@ -456,7 +466,7 @@ class _Upload:
             return SinkError(self._key, "the upload stopped without an error")
         if isinstance(error, SinkError):
             return error
-        return self._sink.error(error, "upload to")
+        return self._sink.error(error, "upload to", self._key)
 
 
 def _unreachable(text: str) -> bool:

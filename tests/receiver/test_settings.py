@@ -376,3 +376,185 @@ def test_processes_starting_together_agree_on_generated_secrets(tmp_path: Path) 
     assert len(set(results)) == 1
     stored = stored_secrets(data_dir)
     assert results[0] == (stored["callback_secret"], stored["admin_token"])
+
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "AKIATESTKEY0123", "AWS_SECRET_ACCESS_KEY": "s3-secret-0123456789"}
+
+
+@pytest.mark.parametrize(
+    "present",
+    [{}, {"AWS_ACCESS_KEY_ID": "AKIATESTKEY0123"}, {"AWS_SECRET_ACCESS_KEY": "s3-secret-0123"}],
+    ids=["neither", "key-id-only", "secret-only"],
+)
+def test_an_s3_storage_url_needs_both_aws_keys(
+    monkeypatch: pytest.MonkeyPatch, present: dict[str, str]
+) -> None:
+    """STORAGE_URL=s3://… without both AWS keys is a ConfigError naming both variables."""
+    monkeypatch.setenv("STORAGE_URL", "s3://bucket/prefix")
+    for name, value in present.items():
+        monkeypatch.setenv(name, value)
+    message = config_error()
+    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in message
+    for value in present.values():
+        assert value not in message
+
+
+def test_an_empty_aws_secret_counts_as_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS_SECRET_ACCESS_KEY set to an empty string is no secret at all."""
+    monkeypatch.setenv("STORAGE_URL", "s3://bucket/prefix")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTKEY0123")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
+    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in config_error()
+
+
+def test_an_s3_storage_url_must_name_a_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """s3:///prefix (no bucket) is refused with the expected shape of the URL."""
+    for name, value in S3_KEYS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("STORAGE_URL", "s3:///prefix")
+    assert "STORAGE_URL must name a bucket: s3://bucket/prefix" in config_error()
+
+
+def test_aws_keys_are_not_needed_for_local_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an s3:// STORAGE_URL, no AWS or S3 setting is required or checked."""
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9000")
+    settings = load_settings(_env_file=None)
+    assert settings.storage_url == "data/assets"
+    assert settings.aws_access_key_id is None
+
+
+def test_a_plain_http_endpoint_needs_s3_allow_http(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An http:// S3_ENDPOINT_URL is refused unless S3_ALLOW_HTTP=true; https needs nothing."""
+    for name, value in S3_KEYS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("STORAGE_URL", "s3://bucket/prefix")
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://minio.internal:9000")
+    message = config_error()
+    assert "S3_ENDPOINT_URL is plain http: set S3_ALLOW_HTTP=true" in message
+    assert S3_KEYS["AWS_SECRET_ACCESS_KEY"] not in message
+    monkeypatch.setenv("S3_ALLOW_HTTP", "true")
+    assert load_settings(_env_file=None).s3_endpoint_url == "http://minio.internal:9000"
+    monkeypatch.setenv("S3_ALLOW_HTTP", "false")
+    monkeypatch.setenv("S3_ENDPOINT_URL", "https://minio.internal:9000/")
+    assert load_settings(_env_file=None).s3_endpoint_url == "https://minio.internal:9000"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("S3_PART_SIZE", str(5 * 1024 * 1024 - 1)),
+        ("S3_PART_SIZE", "0"),
+        ("S3_PART_SIZE", str(5 * 1024**3 + 1)),
+        ("S3_UPLOAD_CONCURRENCY", "0"),
+        ("S3_ENDPOINT_URL", "minio.internal:9000"),
+    ],
+)
+def test_bad_s3_settings_name_their_setting(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """Parts under 5 MiB (S3's minimum) or over 5 GiB, no concurrency, a schemeless endpoint."""
+    monkeypatch.setenv(name, value)
+    message = config_error()
+    assert f"{name}: " in message
+    assert repr(value) in message
+
+
+def test_five_mib_parts_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3_PART_SIZE of exactly 5 MiB is the smallest allowed; the default is 8 MiB."""
+    assert load_settings(_env_file=None).s3_part_size == 8 * 1024 * 1024
+    monkeypatch.setenv("S3_PART_SIZE", str(5 * 1024 * 1024))
+    assert load_settings(_env_file=None).s3_part_size == 5 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("region", "default_region", "expected"),
+    [
+        ("eu-west-3", "ap-south-1", "eu-west-3"),
+        ("", "ap-south-1", "ap-south-1"),
+        (None, "ap-south-1", "ap-south-1"),
+        (None, None, "us-east-1"),
+        ("", "", "us-east-1"),
+    ],
+)
+def test_aws_region_wins_over_aws_default_region(
+    monkeypatch: pytest.MonkeyPatch,
+    region: str | None,
+    default_region: str | None,
+    expected: str,
+) -> None:
+    """AWS_REGION, else AWS_DEFAULT_REGION, else us-east-1."""
+    for name, value in (("AWS_REGION", region), ("AWS_DEFAULT_REGION", default_region)):
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    assert load_settings(_env_file=None).aws_region_name == expected
+
+
+def test_sink_for_builds_an_s3_sink_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sink_for() turns STORAGE_URL, S3_* and AWS_* into an S3Sink with those options."""
+    from receiver.workers import sink_for
+    from storage import S3Options, S3Sink
+
+    environment = {
+        **S3_KEYS,
+        "AWS_SESSION_TOKEN": "session-token-0123",
+        "AWS_DEFAULT_REGION": "eu-central-1",
+        "STORAGE_URL": "s3://media-bucket/kling/archive/",
+        "S3_ENDPOINT_URL": "http://127.0.0.1:9000/",
+        "S3_PATH_STYLE": "true",
+        "S3_ALLOW_HTTP": "true",
+        "S3_PART_SIZE": str(16 * 1024 * 1024),
+        "S3_UPLOAD_CONCURRENCY": "3",
+    }
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    sink = sink_for(load_settings(_env_file=None))
+    assert isinstance(sink, S3Sink)
+    assert (sink.bucket, sink.prefix) == ("media-bucket", "kling/archive/")
+    assert sink.endpoint == "http://127.0.0.1:9000"
+    assert sink.options == S3Options(
+        access_key_id="AKIATESTKEY0123",
+        secret_access_key="s3-secret-0123456789",
+        session_token="session-token-0123",
+        region="eu-central-1",
+        endpoint_url="http://127.0.0.1:9000",
+        path_style=True,
+        allow_http=True,
+        part_size=16 * 1024 * 1024,
+        upload_concurrency=3,
+    )
+    assert sink.location("videos/t/0.mp4") == "s3://media-bucket/kling/archive/videos/t/0.mp4"
+
+
+def test_sink_for_defaults_to_aws_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without S3_ENDPOINT_URL the sink talks to AWS in the region, virtual-hosted, https only."""
+    from receiver.workers import sink_for
+    from storage import S3Sink
+
+    for name, value in S3_KEYS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    monkeypatch.setenv("STORAGE_URL", "s3://media-bucket")
+    sink = sink_for(load_settings(_env_file=None))
+    assert isinstance(sink, S3Sink)
+    assert (sink.bucket, sink.prefix) == ("media-bucket", "")
+    assert sink.endpoint == "https://s3.eu-west-3.amazonaws.com"
+    assert sink.options.endpoint_url is None
+    assert sink.options.session_token is None
+    assert not sink.options.path_style and not sink.options.allow_http
+    assert sink.options.part_size == 8 * 1024 * 1024
+
+
+def test_sink_for_a_local_storage_url_is_a_local_sink(tmp_path: Path) -> None:
+    """A path STORAGE_URL gives a LocalSink, whatever AWS keys are around."""
+    from receiver.workers import sink_for
+    from storage import LocalSink
+
+    settings = load_settings(
+        _env_file=None,
+        storage_url=str(tmp_path / "assets"),
+        aws_access_key_id="AKIATESTKEY0123",
+        aws_secret_access_key="s3-secret-0123456789",
+    )
+    sink = sink_for(settings)
+    assert isinstance(sink, LocalSink)
+    assert sink.root == tmp_path / "assets"
