@@ -12,17 +12,33 @@ from receiver.models import AssetKind, AssetState
 __all__ = ["claim", "settle"]
 
 
+# The next job, in three lookups that each read one entry of the assets_queue index: one
+# query with an OR of the three cases read and sorted every pending row instead (2-3 ms a
+# claim with 10 000 queued, against microseconds). Lapsed leases come first (work already
+# begun, perhaps with bytes to resume), then new jobs in order, then retries that are due.
+_NEXT_JOB = (
+    """SELECT id FROM assets WHERE state = 'downloading' AND lease_expires_at <= :now
+       ORDER BY id LIMIT 1""",
+    """SELECT id FROM assets WHERE state = 'pending' AND next_attempt_at IS NULL
+       ORDER BY id LIMIT 1""",
+    """SELECT id FROM assets WHERE state = 'pending' AND next_attempt_at <= :now
+       ORDER BY next_attempt_at, id LIMIT 1""",
+)
+
+
 def claim(conn: sqlite3.Connection, owner: str, lease_seconds: float) -> AssetJob | None:
     now = utc_now()
+    found = None
+    for query in _NEXT_JOB:
+        found = conn.execute(query, {"now": now}).fetchone()
+        if found is not None:
+            break
+    if found is None:
+        return None
     row = conn.execute(
         """SELECT assets.*, tasks.task_id, tasks.action, tasks.params FROM assets
-           JOIN tasks ON tasks.id = assets.task_pk
-           WHERE (assets.state = 'pending'
-                  AND (assets.next_attempt_at IS NULL OR assets.next_attempt_at <= :now))
-              OR (assets.state = 'downloading' AND assets.lease_expires_at <= :now)
-           ORDER BY assets.next_attempt_at IS NOT NULL, assets.next_attempt_at, assets.id
-           LIMIT 1""",
-        {"now": now},
+           JOIN tasks ON tasks.id = assets.task_pk WHERE assets.id = ?""",
+        (found["id"],),
     ).fetchone()
     if row is None:
         return None
