@@ -25,15 +25,17 @@ __all__ = ["routes"]
 log = logging.getLogger("receiver.callbacks")
 
 # Headers kept with each delivery; anything else (cookies, auth) is not ours to keep.
-KEPT_HEADERS = (
-    "content-type",
-    "user-agent",
-    "webhook-id",
-    "webhook-timestamp",
-    "webhook-signature",
-    "x-forwarded-for",
-    "x-real-ip",
-    "x-request-id",
+KEPT_HEADERS = frozenset(
+    {
+        "content-type",
+        "user-agent",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+        "x-forwarded-for",
+        "x-real-ip",
+        "x-request-id",
+    }
 )
 
 
@@ -121,7 +123,7 @@ async def receive(request: Request) -> Response:
         source=Source.callback,
         received_at=utc_now(),
         ref=ref,
-        headers={name: request.headers[name] for name in KEPT_HEADERS if name in request.headers},
+        headers=_kept_headers(request),
         remote=remote,
         poll_after=poll_after(settings, ref.action),
         confirm=request.app.state.poller is not None and settings.verify,
@@ -179,6 +181,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if len(chunks) > limit:
             raise _TooLarge
     return bytes(chunks)
+
+
+def _kept_headers(request: Request) -> dict[str, str]:
+    """The KEPT_HEADERS present, each with its first value, in one pass over the headers."""
+    kept: dict[str, str] = {}
+    for name, value in request.headers.items():
+        if name in KEPT_HEADERS and name not in kept:
+            kept[name] = value
+    return kept
 
 
 def _ms(started: float) -> float:
