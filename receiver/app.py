@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import h11
 from standardwebhooks.webhooks import Webhook
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -15,6 +16,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from receiver.kling import client_for
 from receiver.ledger import LedgerUnavailable, open_ledger
@@ -50,6 +52,44 @@ async def readyz(request: Request) -> Response:
 async def internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return error(500, "internal_error", "Something went wrong on our side; nothing was lost.")
+
+
+class DropLateResponses:
+    """Drop a response to a request that uvicorn already answered itself.
+
+    uvicorn's h11 protocol answers a request whose framing breaks mid-body (a bad
+    chunk) with its own 400 and closes the connection; an endpoint that answers at
+    the same moment, without reading the body (an unknown callback URL), then raises
+    from `send`. Nobody can receive that response, so it is dropped, and the request
+    ends once uvicorn has seen the connection close (so it logs no server error).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        dropped = False
+
+        async def guarded(message: Message) -> None:
+            nonlocal dropped
+            if dropped:
+                return
+            try:
+                await send(message)
+            except h11.LocalProtocolError:
+                dropped = True
+                log.debug("response dropped: the server already answered this request")
+
+        await self.app(scope, receive, guarded)
+        if dropped:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -105,6 +145,7 @@ def create_app(settings: Settings) -> Starlette:
                 middleware=[Middleware(api.AdminAuth, token=settings.secret("admin_token"))],
             ),
         ],
+        middleware=[Middleware(DropLateResponses)],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
     )

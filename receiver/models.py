@@ -10,9 +10,16 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 __all__ = [
     "ACTION_PATTERN",
@@ -92,20 +99,36 @@ class PayloadError(ValueError):
     """A delivery's body is not a Kling task object; `str()` is a sentence for the sender."""
 
 
+def _unicode(value: str) -> str:
+    """Refuse text the database cannot keep: JSON escapes can spell lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be Unicode text (it holds a lone surrogate escape)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+"""A string the ledger stores as it is."""
+
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+"""An integer the ledger can store (SQLite's INTEGER is 64-bit)."""
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
 class _Video(_Lenient):
-    id: str | int | None = None
-    url: str = Field(min_length=1, max_length=4096)
+    id: Text | Int64 | None = None
+    url: Text = Field(min_length=1, max_length=4096)
     duration: str | float | int | None = None
     watermark_url: str | None = None
 
 
 class _Image(_Lenient):
     index: int | None = Field(default=None, ge=0, le=10_000)
-    url: str = Field(min_length=1, max_length=4096)
+    url: Text = Field(min_length=1, max_length=4096)
     watermark_url: str | None = None
 
 
@@ -115,17 +138,17 @@ class _TaskResult(_Lenient):
 
 
 class _TaskInfo(_Lenient):
-    external_task_id: str | None = None
+    external_task_id: Text | None = None
 
 
 class KlingTask(_Lenient):
     """The flat task object Kling sends to a callback URL and returns from a query."""
 
     task_id: str
-    task_status: str = Field(min_length=1, max_length=64)
-    task_status_msg: str | None = None
-    created_at: int | None = None
-    updated_at: int | None = None
+    task_status: Text = Field(min_length=1, max_length=64)
+    task_status_msg: Text | None = None
+    created_at: Int64 | None = None
+    updated_at: Int64 | None = None
     task_info: _TaskInfo | None = None
     task_result: _TaskResult | None = None
 

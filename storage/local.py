@@ -144,21 +144,28 @@ class LocalWriter:
             self._unflushed_from = self._offset
 
     def commit(self, key: str, sidecar: dict[str, Any]) -> str:
-        """Make the bytes visible as `key`, with `key.json` beside them; returns the path."""
+        """Make the bytes visible as `key`, with `key.json` beside them; returns the path.
+
+        Everything that can run out of space (the sidecar, both fsyncs) happens before
+        the first rename, so a failed commit shows nothing under the final names.
+        """
         final = self._sink.path(key)
-        with self._errors():
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            os.replace(self._part, final)
-            meta_tmp = final.with_name(f".{final.name}.json.tmp")
+        meta_tmp = final.with_name(f".{final.name}.json.tmp")
+        try:
             with open(meta_tmp, "w") as out:
                 json.dump(sidecar, out, indent=2, sort_keys=True)
                 out.flush()
                 os.fsync(out.fileno())
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self._part, final)
             os.replace(meta_tmp, final.with_name(final.name + ".json"))
             self._meta.unlink(missing_ok=True)
             _fsync_dir(final.parent)
+        except OSError as exc:
+            meta_tmp.unlink(missing_ok=True)
+            raise _write_error(final, exc) from exc
         return str(final)
 
     def close(self) -> None:
@@ -184,10 +191,14 @@ class LocalWriter:
 def _write_error(path: Path, exc: OSError) -> SinkError:
     """A SinkError that says what a person can do; a full disk makes the whole sink unavailable."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason = f"the disk is full: no space left to write {path} (free some, and it resumes)"
+        reason = (
+            f"the disk is full: no space left to write {path}; downloads resume once space is freed"
+        )
         return SinkError(str(path), reason, unavailable=True)
     if exc.errno == errno.EFBIG:
-        reason = f"the file size limit of this process stopped the write of {path} (EFBIG)"
+        reason = (
+            f"the file size limit of this process (ulimit -f) stopped the write of {path} (EFBIG)"
+        )
         return SinkError(str(path), reason)
     return SinkError(str(path), f"cannot write {path}: {exc.strerror or exc}")
 

@@ -11,12 +11,14 @@ and see `Range` requests.
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,13 @@ class _Route:
         return behaviour
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up (a killed service) is no error of the server's."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class MediaServer:
     """A threaded HTTP/1.1 server on 127.0.0.1 with scripted misbehaviour."""
 
@@ -104,7 +113,7 @@ class MediaServer:
         self.routes: dict[str, _Route] = {}
         self.requests: list[Request] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = _Server(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         # A short poll keeps stop() (and so each test's teardown) from waiting half a second.
         self._thread = threading.Thread(

@@ -50,14 +50,20 @@ class Service:
         env: dict[str, str] | None = None,
         *,
         secrets_in_env: bool = True,
+        rlimits: dict[int, int] | None = None,
     ) -> None:
-        """With `secrets_in_env=False` the service generates CALLBACK_SECRET and ADMIN_TOKEN."""
+        """With `secrets_in_env=False` the service generates CALLBACK_SECRET and ADMIN_TOKEN.
+
+        `rlimits` ({resource.RLIMIT_FSIZE: bytes, ...}) are set in `serve` before it starts;
+        change the attribute between `stop()` and `start()` to start it with other limits.
+        """
         self.data_dir = data_dir
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"service-{self.port}.log"
         self.extra_env = env or {}
         self.secrets_in_env = secrets_in_env
+        self.rlimits = dict(rlimits or {})
         self.process: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
 
@@ -120,7 +126,7 @@ class Service:
         log = open(self.log_path, "ab")
         log_start = log.tell()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "receiver", "serve"],
+            self._limited([sys.executable, "-m", "receiver", "serve"]),
             env=self.environ(),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -139,6 +145,23 @@ class Service:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"service did not become ready:\n{self.log()}")
+
+    def _limited(self, command: list[str]) -> list[str]:
+        """`command`, run under `rlimits` if any: a small Python sets them, then execs it.
+
+        (Not a `preexec_fn`: that runs Python between fork and exec, unsafe in this threaded
+        test process.) The exec keeps the pid, so `stop()` signals the service itself.
+        """
+        if not self.rlimits:
+            return command
+        limits = ", ".join(f"({resource:d}, {limit:d})" for resource, limit in self.rlimits.items())
+        setup = (
+            "import os, resource, sys\n"
+            f"for resource_, limit in [{limits}]:\n"
+            "    resource.setrlimit(resource_, (limit, limit))\n"
+            "os.execv(sys.argv[1], sys.argv[1:])\n"
+        )
+        return [sys.executable, "-c", setup, *command]
 
     def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
         """Start `python -m receiver worker ARGS` on the service's database and storage.

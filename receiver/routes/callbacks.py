@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -87,6 +87,10 @@ async def receive(request: Request) -> Response:
         return refuse(
             413, "body_too_large", f"The body is larger than the {limit} bytes a callback may have."
         )
+    except ClientDisconnect:  # the sender hung up mid-body: nothing to record, no one to answer
+        return refuse(
+            400, "disconnected", "The sender closed the connection before the body ended."
+        )
 
     webhook: Webhook | None = request.app.state.webhook
     if webhook is not None:
@@ -112,6 +116,8 @@ async def receive(request: Request) -> Response:
         return refuse(400, "bad_json", "The body is not UTF-8 text, so it cannot be JSON.")
     except ValueError as exc:
         return refuse(400, "bad_json", f"The body is not valid JSON ({exc}).")
+    except RecursionError:
+        return refuse(400, "bad_json", "The body nests JSON arrays or objects too deeply.")
     try:
         task = parse_task(data)
     except PayloadError as exc:
