@@ -94,6 +94,13 @@ class S3Sink:
         self._store = self._open_store(retries=6, within=dt.timedelta(minutes=2))
         # The readiness check should answer within seconds, not wait out a long retry.
         self._probe_store = self._open_store(retries=1, within=dt.timedelta(seconds=10))
+        # One call per multipart object: each on a connection of its own, closed after it, so
+        # an idle sink holds no socket (building a client costs more than connecting).
+        self._http = httpx.Client(
+            trust_env=False,
+            timeout=httpx.Timeout(300.0, connect=10.0),
+            headers={"connection": "close"},
+        )
         self._replace: set[str] = set()  # keys whose stored bytes a download turned out to differ
         self._lock = threading.Lock()
 
@@ -223,9 +230,8 @@ class S3Sink:
             session_token=options.session_token,
             headers=headers,
         )
-        try:  # one call per multipart object: a connection of its own, closed at once
-            with httpx.Client(trust_env=False, timeout=httpx.Timeout(300.0, connect=10.0)) as http:
-                response = http.put(url, headers=signed)
+        try:
+            response = self._http.put(url, headers=signed)
         except httpx.HTTPError as exc:
             raise self.error(exc, "set the metadata of", key) from exc
         # CopyObject may fail after its 200 has begun: the error then comes in the body.
