@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+from typing import Any
 
 from receiver._clock import utc_in
 from receiver.ledger import (
@@ -33,97 +34,237 @@ from receiver.models import (
 __all__ = ["apply", "decode_cursor", "encode_cursor", "event_record", "task_record"]
 
 
+# What `apply` reads of a task and may write, in this order; positions below name them.
+_COLUMNS = """id, task_id, external_task_id, action, callback_ref, submission,
+              status, status_msg, kling_updated_at, state_digest, terminal_source,
+              updates, updated_at, kling_created_at, next_poll_at, quiet_polls, polls,
+              verifications, verify_due, flag"""
+_BY_TASK_ID = f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?"
+_BY_EXTERNAL_TASK_ID = f"SELECT {_COLUMNS} FROM tasks WHERE external_task_id = ?"
+(
+    _ID,
+    _TASK_ID,
+    _EXTERNAL_TASK_ID,
+    _ACTION,
+    _CALLBACK_REF,
+    _SUBMISSION,
+    _STATUS,
+    _STATUS_MSG,
+    _KLING_UPDATED_AT,
+    _STATE_DIGEST,
+    _TERMINAL_SOURCE,
+    _UPDATES,
+    _UPDATED_AT,
+    _KLING_CREATED_AT,
+    _NEXT_POLL_AT,
+    _QUIET_POLLS,
+    _POLLS,
+    _VERIFICATIONS,
+    _VERIFY_DUE,
+    _FLAG,
+) = range(20)
+# The columns in three groups, each written only when one of its values changes (a column
+# written rewrites its index entries even when its value stays): what earlier updates could
+# not know, the task's state, and the counters and poll bookkeeping that nearly every
+# delivery changes.
+_FILLED = slice(_TASK_ID, _STATUS)
+_STATE = slice(_STATUS, _UPDATES)
+_REST = slice(_UPDATES, None)
+_SET_FILLED = "task_id = ?, external_task_id = ?, action = ?, callback_ref = ?, submission = ?, "
+_SET_STATE = (
+    "status = ?, status_msg = ?, kling_updated_at = ?, state_digest = ?, terminal_source = ?, "
+)
+# kling_created_at is bound on every write, as before, so that SQLite checks the incoming
+# value the same way whatever the row holds.
+_SET_REST = """updates = ?, updated_at = ?, kling_created_at = coalesce(kling_created_at, ?),
+               next_poll_at = ?, quiet_polls = ?, polls = ?, verifications = ?, verify_due = ?,
+               flag = ?"""
+# Constant texts, so that sqlite3 prepares each once: [filled changed][state changed].
+_UPDATE_TASK = [
+    [f"UPDATE tasks SET {filled}{state}{_SET_REST} WHERE id = ?" for state in ("", _SET_STATE)]
+    for filled in ("", _SET_FILLED)
+]
+_INSERT_TASK = """INSERT INTO tasks (task_id, external_task_id, action, callback_ref, submission,
+                                     status, status_msg, kling_updated_at, state_digest,
+                                     terminal_source, updates, updated_at, kling_created_at,
+                                     next_poll_at, quiet_polls, polls, verifications, verify_due,
+                                     flag, created_at)
+                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+_HOLDER = "SELECT id FROM tasks WHERE external_task_id = ?"
+# A delivery's bytes are kept once per task and source; the same bytes again are counted.
+# (RETURNING would say which in one statement, but costs twice what a plain insert does.)
+_RECORD_EVENT = """INSERT INTO events (task_pk, source, status, body, digest, headers, remote,
+                                       received_at, last_received_at, applied)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (task_pk, source, digest) DO NOTHING"""
+_COUNT_EVENT = """UPDATE events SET times_received = times_received + 1, last_received_at = ?
+                  WHERE task_pk = ? AND source = ? AND digest = ?"""
+_INSERT_ASSET = """INSERT OR IGNORE INTO assets (task_pk, kind, idx, url, remote_id, state,
+                                                 created_at, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)"""
+
+
 def apply(conn: sqlite3.Connection, update: Update) -> Applied:
+    """Record one delivery and move its task: one read of the task, one write of each table.
+
+    The task's row is read once, its new values are worked out here, and it is written
+    once (not at all when nothing changes). The writer holds the database's write lock
+    from the read to the commit, so nothing else changes the row in between.
+    """
     task, ref, now = update.task, update.ref, update.received_at
-    row = conn.execute("SELECT * FROM tasks WHERE task_id = ?", (task.task_id,)).fetchone()
+    task_id = task.task_id
+    ref_ext = None if ref is None else ref.external_task_id
+    cur = conn.cursor()
+    cur.row_factory = None  # plain tuples, read by position
+    row = cur.execute(_BY_TASK_ID, (task_id,)).fetchone()
     by_ref = None
-    if ref is not None and ref.external_task_id is not None:
-        by_ref = conn.execute(
-            "SELECT * FROM tasks WHERE external_task_id = ?", (ref.external_task_id,)
-        ).fetchone()
+    if ref_ext is not None:
+        # external_task_id is unique: if the task's own row holds it, no other row does.
+        if row is not None and row[_EXTERNAL_TASK_ID] == ref_ext:
+            by_ref = row
+        else:
+            by_ref = cur.execute(_BY_EXTERNAL_TASK_ID, (ref_ext,)).fetchone()
     reason = binding_conflict(ref, task, _binding(row), _binding(by_ref))
-    if reason is None and row is not None and by_ref is not None and row["id"] != by_ref["id"]:
+    if reason is None and row is not None and by_ref is not None and row[_ID] != by_ref[_ID]:
         reason = "this task is recorded under another external_task_id"
     if reason is not None:
         return Applied(Outcome.refused, reason=reason)
 
     row = row if row is not None else by_ref
-    external_task_id = task.external_task_id or (ref.external_task_id if ref else None)
+    action = update.effective_action
+    external_task_id = task.external_task_id or ref_ext
     if external_task_id is not None:
-        holder = conn.execute(
-            "SELECT id FROM tasks WHERE external_task_id = ?", (external_task_id,)
-        ).fetchone()
-        if holder is not None and (row is None or holder["id"] != row["id"]):
+        # Which task holds this external_task_id: when not refused, a URL made for one task
+        # names the same one, so `by_ref` is its holder; else the task's own row may hold it.
+        if external_task_id == ref_ext:
+            holder = by_ref
+        elif row is not None and row[_EXTERNAL_TASK_ID] == external_task_id:
+            holder = row
+        else:
+            holder = cur.execute(_HOLDER, (external_task_id,)).fetchone()
+        if holder is not None and (row is None or holder[_ID] != row[_ID]):
             # Unique per Kling account only (a shared URL may serve several): the id stays
             # with its first task and this delivery is still kept, not lost to a UNIQUE error.
             external_task_id = None
+
+    # `before`: the row as it stands (for a new task, as it stands once inserted);
+    # `filled`: with what earlier updates could not know filled in, never overwriting.
     if row is None:
-        pk = conn.execute(
-            """INSERT INTO tasks (task_id, external_task_id, action, callback_ref, created_at,
-                                  updated_at, kling_created_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?)""",
-            (
-                task.task_id,
-                external_task_id,
-                update.effective_action,
-                ref.ref if ref else None,
-                now,
-                now,
-                task.created_at,
-            ),
-        ).lastrowid
-        row = conn.execute("SELECT * FROM tasks WHERE id = ?", (pk,)).fetchone()
+        pk = None
+        before: list[Any] = [
+            None,  # id
+            task_id,
+            external_task_id,
+            action,
+            None if ref is None else ref.ref,
+            None,  # submission
+            None,  # status
+            None,  # status_msg
+            None,  # kling_updated_at
+            None,  # state_digest
+            None,  # terminal_source
+            0,  # updates
+            now,  # updated_at
+            task.created_at,
+            None,  # next_poll_at
+            0,  # quiet_polls
+            0,  # polls
+            0,  # verifications
+            0,  # verify_due
+            None,  # flag
+        ]
+        filled = before
     else:
-        # Fill in what earlier updates could not know; never overwrite what is known.
-        conn.execute(
-            """UPDATE tasks SET task_id = coalesce(task_id, ?),
-                                external_task_id = coalesce(external_task_id, ?),
-                                action = coalesce(action, ?),
-                                callback_ref = coalesce(callback_ref, ?),
-                                kling_created_at = coalesce(kling_created_at, ?),
-                                submission = CASE WHEN submission = 'pending'
-                                             THEN 'accepted' ELSE submission END
-               WHERE id = ?""",
-            (
-                task.task_id,
-                external_task_id,
-                update.effective_action,
-                ref.ref if ref else None,
-                task.created_at,
-                row["id"],
-            ),
-        )
-    pk = row["id"]
+        pk = row[_ID]
+        before = list(row)
+        filled = before.copy()
+        if filled[_TASK_ID] is None:
+            filled[_TASK_ID] = task_id
+        if filled[_EXTERNAL_TASK_ID] is None:
+            filled[_EXTERNAL_TASK_ID] = external_task_id
+        if filled[_ACTION] is None:
+            filled[_ACTION] = action
+        if filled[_CALLBACK_REF] is None and ref is not None:
+            filled[_CALLBACK_REF] = ref.ref
+        if filled[_SUBMISSION] == "pending":
+            filled[_SUBMISSION] = "accepted"
+        if filled[_KLING_CREATED_AT] is None:
+            filled[_KLING_CREATED_AT] = task.created_at
 
     digest = update.digest
-    seen = conn.execute(
-        "SELECT id FROM events WHERE task_pk = ? AND source = ? AND digest = ?",
-        (pk, update.source.value, digest),
-    ).fetchone()
-    current_status = _status(row["status"])
-    if seen is not None:
-        conn.execute(
-            """UPDATE events SET times_received = times_received + 1, last_received_at = ?
-               WHERE id = ?""",
-            (now, seen["id"]),
-        )
-        _after(conn, row, update, Outcome.duplicate, current_status)
-        return Applied(Outcome.duplicate, current_status)
-
+    status = task.status
+    current_status = _status(before[_STATUS])
     current = None
-    if row["state_digest"] is not None:
-        current = StateKey(current_status, row["kling_updated_at"], row["state_digest"])
-    moved = moves_forward(current, StateKey(task.status, task.updated_at, digest))
+    if before[_STATE_DIGEST] is not None:
+        current = StateKey(current_status, before[_KLING_UPDATED_AT], before[_STATE_DIGEST])
+    moved = moves_forward(current, StateKey(status, task.updated_at, digest))
     # Only a task whose action is known can be queried; holding any other would hold it forever.
-    queryable = (row["action"] or update.effective_action) is not None
-    held = moved and update.confirm and task.status is TaskStatus.succeed and queryable
-    conn.execute(
-        """INSERT INTO events (task_pk, source, status, body, digest, headers, remote,
-                               received_at, last_received_at, applied)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+    queryable = (before[_ACTION] or action) is not None
+    held = moved and update.confirm and status is TaskStatus.succeed and queryable
+    polled = update.source is Source.poll
+    verifying = polled and bool(before[_VERIFY_DUE])
+    flag = None
+    if verifying:
+        assert pk is not None  # a new task awaits no confirmation
+        claimed = _held_succeed(cur, pk)
+        flag = None if claimed is None else contradiction(claimed, task)
+
+    def settled(outcome: Outcome) -> list[Any]:
+        """The task's row once this delivery is recorded with `outcome`."""
+        after = filled.copy()
+        state = current_status
+        if outcome is not Outcome.duplicate:
+            after[_UPDATES] += 1
+            after[_UPDATED_AT] = now
+        if outcome is Outcome.moved:
+            assert status is not None
+            state = status
+            learned_from = update.source if status.terminal else None
+            if learned_from is Source.poll and before[_VERIFY_DUE] and state is TaskStatus.succeed:
+                # The query only confirmed what a held succeed callback said: the callback told us.
+                learned_from = Source.callback
+            after[_STATUS] = status.value
+            after[_STATUS_MSG] = task.task_status_msg
+            after[_KLING_UPDATED_AT] = task.updated_at
+            after[_STATE_DIGEST] = digest
+            after[_TERMINAL_SOURCE] = None if learned_from is None else learned_from.value
+        # Poll bookkeeping: count the query, check a held succeed, schedule the next query.
+        if outcome is Outcome.held:
+            after[_NEXT_POLL_AT] = now  # confirm it now
+        elif before[_VERIFY_DUE] and not verifying:
+            # A held succeed still awaits its confirming query: a duplicate must not put it off.
+            pass
+        elif state is not None and state.terminal:
+            after[_NEXT_POLL_AT] = None
+        elif update.poll_after is not None:
+            after[_NEXT_POLL_AT] = utc_in(update.poll_after)
+        quiet = polled and outcome in (Outcome.duplicate, Outcome.kept)
+        after[_QUIET_POLLS] = after[_QUIET_POLLS] + 1 if quiet else 0
+        after[_POLLS] += polled and not verifying
+        after[_VERIFICATIONS] += verifying
+        if outcome is Outcome.held:
+            after[_VERIFY_DUE] = 1
+        elif verifying:
+            after[_VERIFY_DUE] = 0
+        if flag is not None:
+            after[_FLAG] = flag
+        return after
+
+    outcome = (Outcome.held if held else Outcome.moved) if moved else Outcome.kept
+    if pk is None:
+        # A new task has no deliveries yet, so this one is no duplicate: the row goes in
+        # as it ends up (the event needs its id first).
+        stored = settled(outcome)
+        pk = cur.execute(_INSERT_TASK, (*stored[_TASK_ID:], now)).lastrowid
+        assert pk is not None
+    else:
+        stored = before
+    source = update.source.value
+    recorded = cur.execute(
+        _RECORD_EVENT,
         (
             pk,
-            update.source.value,
+            source,
             task.task_status,
             update.body,
             digest,
@@ -133,39 +274,22 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
             now,
             moved and not held,
         ),
-    )
-    conn.execute("UPDATE tasks SET updates = updates + 1, updated_at = ? WHERE id = ?", (now, pk))
-    if held or not moved:
-        outcome = Outcome.held if held else Outcome.kept
-        _after(conn, row, update, outcome, current_status)
+    ).rowcount
+    if not recorded:  # the same bytes came before: only counted
+        cur.execute(_COUNT_EVENT, (now, pk, source, digest))
+        outcome = Outcome.duplicate
+    if row is not None or outcome is Outcome.duplicate:  # (a new task's only if ids were reused)
+        _write_task(cur, pk, stored, settled(outcome), task.created_at)
+    if outcome is not Outcome.moved:
         return Applied(outcome, current_status)
 
-    assert task.status is not None
-    learned_from = update.source if task.status.terminal else None
-    if learned_from is Source.poll and row["verify_due"] and task.status is TaskStatus.succeed:
-        # The query only confirmed what a held succeed callback said: the callback told us.
-        learned_from = Source.callback
-    conn.execute(
-        """UPDATE tasks SET status = ?, status_msg = ?, kling_updated_at = ?, state_digest = ?,
-                            terminal_source = ?
-           WHERE id = ?""",
-        (
-            task.status.value,
-            task.task_status_msg,
-            task.updated_at,
-            digest,
-            None if learned_from is None else learned_from.value,
-            pk,
-        ),
-    )
+    assert status is not None
     created = 0
-    if task.status is TaskStatus.succeed:
+    if status is TaskStatus.succeed:
         # Terminal states are final, so this runs once per task: the first succeed names the files.
         for spec in task.assets():
-            created += conn.execute(
-                """INSERT OR IGNORE INTO assets (task_pk, kind, idx, url, remote_id, state,
-                                                 created_at, updated_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+            created += cur.execute(
+                _INSERT_ASSET,
                 (
                     pk,
                     spec.kind.value,
@@ -177,58 +301,30 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
                     now,
                 ),
             ).rowcount
-    _after(conn, row, update, Outcome.moved, task.status)
-    return Applied(Outcome.moved, task.status, assets_created=created)
+    return Applied(Outcome.moved, status, assets_created=created)
 
 
-def _after(
-    conn: sqlite3.Connection,
-    row: sqlite3.Row,
-    update: Update,
-    outcome: Outcome,
-    status: TaskStatus | None,
+def _write_task(
+    cur: sqlite3.Cursor, pk: int, stored: list[Any], after: list[Any], created_at: int | None
 ) -> None:
-    """Poll bookkeeping: count the query, check a held succeed, schedule the next query."""
-    verifying = update.source is Source.poll and bool(row["verify_due"])
-    flag = None
-    if verifying:
-        claimed = _held_succeed(conn, row["id"])
-        flag = None if claimed is None else contradiction(claimed, update.task)
-    if outcome is Outcome.held:
-        next_poll: str | None = update.received_at  # confirm it now
-    elif row["verify_due"] and not verifying:
-        # A held succeed still awaits its confirming query: a duplicate must not put it off.
-        next_poll = row["next_poll_at"]
-    elif status is not None and status.terminal:
-        next_poll = None
-    elif update.poll_after is not None:
-        next_poll = utc_in(update.poll_after)
-    else:
-        next_poll = row["next_poll_at"]
-    quiet = outcome in (Outcome.duplicate, Outcome.kept) and update.source is Source.poll
-    conn.execute(
-        """UPDATE tasks SET next_poll_at = ?,
-                            quiet_polls = CASE WHEN ? THEN quiet_polls + 1 ELSE 0 END,
-                            polls = polls + ?, verifications = verifications + ?,
-                            verify_due = CASE WHEN ? THEN 1 WHEN ? THEN 0 ELSE verify_due END,
-                            flag = coalesce(?, flag)
-           WHERE id = ?""",
-        (
-            next_poll,
-            quiet,
-            update.source is Source.poll and not verifying,
-            verifying,
-            outcome is Outcome.held,
-            verifying,
-            flag,
-            row["id"],
-        ),
-    )
+    """Write the groups of columns in which `after` differs from `stored`, if any."""
+    filled = stored[_FILLED] != after[_FILLED]
+    state = stored[_STATE] != after[_STATE]
+    if not filled and not state and stored[_REST] == after[_REST]:
+        return
+    values = after[_FILLED] if filled else []
+    if state:
+        values += after[_STATE]
+    values += after[_UPDATES:_KLING_CREATED_AT]
+    values.append(created_at)
+    values += after[_NEXT_POLL_AT:]
+    values.append(pk)
+    cur.execute(_UPDATE_TASK[filled][state], values)
 
 
-def _held_succeed(conn: sqlite3.Connection, pk: int) -> KlingTask | None:
+def _held_succeed(cur: sqlite3.Cursor, pk: int) -> KlingTask | None:
     """The latest succeed callback that waits for confirmation, as the task it claimed."""
-    held = conn.execute(
+    held = cur.execute(
         """SELECT body FROM events
            WHERE task_pk = ? AND source = 'callback' AND status = 'succeed' AND applied = 0
            ORDER BY id DESC LIMIT 1""",
@@ -237,15 +333,15 @@ def _held_succeed(conn: sqlite3.Connection, pk: int) -> KlingTask | None:
     if held is None:
         return None
     try:
-        return parse_task(json.loads(held["body"]))
+        return parse_task(json.loads(held[0]))
     except (ValueError, PayloadError):
         return None
 
 
-def _binding(row: sqlite3.Row | None) -> Binding | None:
+def _binding(row: tuple[Any, ...] | None) -> Binding | None:
     if row is None:
         return None
-    return Binding(row["task_id"], row["external_task_id"], row["callback_ref"])
+    return Binding(row[_TASK_ID], row[_EXTERNAL_TASK_ID], row[_CALLBACK_REF])
 
 
 def _status(value: str | None) -> TaskStatus | None:
