@@ -26,26 +26,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bench._proc import reset_peak, status_kib
+
 __all__ = ["main"]
 
 _BUFFER = 1 << 20
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> int:
-    """Reset VmHWM to VmRSS where the kernel allows it; the KiB to measure growth from."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-    except OSError:
-        return _status_kib("VmHWM")
-    return _status_kib("VmRSS")
 
 
 def _get(url: str, target: Path, buffer: memoryview) -> int:
@@ -125,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException as exc:  # reported below, after the other threads finish
             errors.append(exc)
 
-    base_kib = _reset_peak()
+    base_kib = reset_peak()
     started = time.perf_counter()
     threads = [threading.Thread(target=work, args=(n,)) for n in range(options.threads)]
     for thread in threads:
@@ -136,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         print(f"bench._burst_fetch: {errors[0]!r}", file=sys.stderr)
         return 1
-    growth = (_status_kib("VmHWM") - base_kib) / 1024
+    growth = (status_kib("VmHWM") - base_kib) / 1024
     result = {"seconds": seconds, "files": count, "bytes": sum(totals), "rss_growth_mib": growth}
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

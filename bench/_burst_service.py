@@ -29,6 +29,7 @@ import httpx
 
 from bench._burst_send import Answer, post_all
 from bench._core import BenchError
+from bench._proc import status_kib
 from receiver import tokens
 from receiver.settings import Settings
 
@@ -96,13 +97,6 @@ def _free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise BenchError(f"no {field} in /proc/{pid}/status")
 
 
 def _reset_peak(pid: int) -> bool:
@@ -356,11 +350,11 @@ def run_service(
         service.start()
         now_ms = int(time.time() * 1000)
         deliveries = [(service.callback_path(task), task.body(now_ms)) for task in tasks]
-        rss_before = _status_kib(service.pid, "VmRSS")
+        rss_before = status_kib("VmRSS", service.pid)
         reset = _reset_peak(service.pid)
         delivered = _deliver(service.base_url, deliveries, connections, window)
         _wait_archived(service, db, len(tasks), timeout)
-        peak = _status_kib(service.pid, "VmHWM")
+        peak = status_kib("VmHWM", service.pid)
         service.stop()
         last_archived, attempts = _verify(db, data / "assets", tasks)
     finally:

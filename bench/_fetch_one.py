@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench._proc import reset_peak, status_kib
 from storage import LocalSink, UrlPolicy, extension, fetch
 
 __all__ = ["Outcome", "main"]
@@ -41,23 +42,6 @@ class Outcome:
     sha256: str
     path: str
     rss_growth_mib: float
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> int:
-    """Reset the peak RSS to the current RSS where the kernel allows it; the KiB to measure from."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # resets VmHWM to VmRSS (Linux 4.0+)
-    except OSError:
-        return _status_kib("VmHWM")  # growth is then measured from the peak so far
-    return _status_kib("VmRSS")
 
 
 def _service(url: str, root: Path) -> tuple[float, float, int, str, str]:
@@ -119,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         import aiofiles  # noqa: F401  (imported before the RSS baseline, like storage is)
         import httpx  # noqa: F401
 
-    base_kib = _reset_peak()
+    base_kib = reset_peak()
     started = time.perf_counter()
     if options.via == "service":
         # As Downloader.process runs it: the blocking path in a worker thread.
@@ -127,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         done = asyncio.run(_httpx(options.url, options.dir))
     seconds = time.perf_counter() - started
-    growth = (_status_kib("VmHWM") - base_kib) / 1024
+    growth = (status_kib("VmHWM") - base_kib) / 1024
     fetch_seconds, commit_seconds, size, sha256, path = done
     outcome = Outcome(seconds, fetch_seconds, commit_seconds, size, sha256, path, growth)
     json.dump(asdict(outcome), sys.stdout)

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import obstore
 from obstore.store import S3Store
 
+from bench._proc import reset_peak, status_kib
 from storage import S3Options, open_sink
 from storage.s3 import S3Sink
 
@@ -58,23 +59,6 @@ class Outcome:
     sha256: str | None = None
     location: str | None = None
     phases: dict[str, float] = field(default_factory=dict)  # sink only: seconds per phase
-
-
-def _status_kib(name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {name} in /proc/self/status")
-
-
-def _reset_peak() -> int:
-    """Reset the peak RSS to the current RSS where the kernel allows it; the KiB to measure from."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # resets VmHWM to VmRSS (Linux 4.0+)
-    except OSError:
-        return _status_kib("VmHWM")  # growth is then measured from the peak so far
-    return _status_kib("VmRSS")
 
 
 def _cpu() -> float:
@@ -117,7 +101,7 @@ def _sink(source: Path, stem: str, options: S3Options, bucket: str, hashing: boo
     read = hashed = writing = 0.0
     size = 0
     with open(source, "rb", buffering=0) as held:
-        base_kib = _reset_peak()
+        base_kib = reset_peak()
         cpu = _cpu()
         started = time.perf_counter()
         writer = sink.open(stem)
@@ -148,7 +132,7 @@ def _sink(source: Path, stem: str, options: S3Options, bucket: str, hashing: boo
             raise
         finished = time.perf_counter()
         cpu = _cpu() - cpu
-    growth = (_status_kib("VmHWM") - base_kib) / 1024
+    growth = (status_kib("VmHWM") - base_kib) / 1024
     phases.update(read=read, sha256=hashed, write=writing, commit=finished - written)
     phases["writes_end"] = written - started
     return Outcome(finished - started, size, growth, cpu, sha256, location, phases)
@@ -179,7 +163,7 @@ def _obstore(
         shape["chunk_size"] = chunk_size
     if concurrency is not None:
         shape["max_concurrency"] = concurrency
-    base_kib = _reset_peak()
+    base_kib = reset_peak()
     cpu = _cpu()
     started = time.perf_counter()
     if how == "path":
@@ -188,7 +172,7 @@ def _obstore(
         obstore.put(store, key, _chunks(source), **shape)  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
     cpu = _cpu() - cpu
-    growth = (_status_kib("VmHWM") - base_kib) / 1024
+    growth = (status_kib("VmHWM") - base_kib) / 1024
     return Outcome(seconds, source.stat().st_size, growth, cpu)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from bench._core import BenchError, Goal, Report, Role, Row, paired_ratio
 from bench._machine import filesystem
 from bench._nginx import serving
+from bench._proc import make_source
 
 __all__ = ["add_arguments", "run"]
 
@@ -73,21 +74,6 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--no-httpx", action="store_true", help="skip the httpx + aiofiles reference"
     )
-
-
-def _make_source(path: Path, size: int) -> str:
-    """Random bytes, fsynced so their writeback does not land in the first round."""
-    digest = hashlib.sha256()
-    with open(path, "wb") as out:
-        remaining = size
-        while remaining:
-            chunk = os.urandom(min(remaining, 16 * _MIB))
-            digest.update(chunk)
-            out.write(chunk)
-            remaining -= len(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    return digest.hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -231,7 +217,7 @@ def run(options: argparse.Namespace) -> Report:
         www.mkdir()
         source = www / "video.mp4"
         print(f"bench: writing {options.size_mib} MiB of random bytes", file=sys.stderr)
-        source_sha256 = _make_source(source, size)
+        source_sha256 = make_source(source, size)
         subjects = _subjects(with_httpx)
         with serving(www) as nginx:
             url = f"{nginx.base_url}/video.mp4"

@@ -50,6 +50,7 @@ from bench import _wrk
 from bench._core import BenchError, Goal, Report, Role, Row, paired_ratio
 from bench._ingest_load import BLOCK, Workload, build
 from bench._machine import filesystem
+from bench._proc import status_kib
 
 __all__ = ["add_arguments", "run"]
 
@@ -263,13 +264,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
 
 
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise BenchError(f"no {field} in /proc/{pid}/status")
-
-
 # -- the service's ledger --------------------------------------------------------
 
 
@@ -337,13 +331,13 @@ def _measure_one(
 
     with _serving(subject, directory) as server:
         pid = server.process.pid
-        rss_before = _status_kib(pid, "VmRSS")
+        rss_before = status_kib("VmRSS", pid)
         warmup = drive(server.base_url, options.ingest_warmup, 0)
         start = max(thread["next_position"] for thread in warmup.threads)
         cpu_before = _cpu_seconds(pid)
         measured = drive(server.base_url, options.ingest_seconds, start)
         cpu = _cpu_seconds(pid) - cpu_before
-        growth = (_status_kib(pid, "VmHWM") - rss_before) / 1024
+        growth = (status_kib("VmHWM", pid) - rss_before) / 1024
         positions = max(thread["next_position"] for thread in measured.threads)
         ledger = None
         if subject.role is Role.subject:

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench._core import BenchError, Goal, Report, Role, Row, paired_ratio
 from bench._machine import filesystem
+from bench._proc import make_source
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
@@ -146,21 +147,6 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         type=int,
         help="seed for the order of subjects in each round (default: random)",
     )
-
-
-def _make_source(path: Path, size: int) -> str:
-    """Random bytes, fsynced so their writeback does not land in the first upload."""
-    digest = hashlib.sha256()
-    with open(path, "wb") as out:
-        remaining = size
-        while remaining:
-            chunk = os.urandom(min(remaining, 16 * _MIB))
-            digest.update(chunk)
-            out.write(chunk)
-            remaining -= len(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    return digest.hexdigest()
 
 
 @contextmanager
@@ -325,7 +311,7 @@ def run(options: argparse.Namespace) -> Report:
     try:
         source = scratch / "source.bin"
         print(f"bench: writing {options.s3_size_mib} MiB of random bytes", file=sys.stderr)
-        source_sha256 = _make_source(source, size)
+        source_sha256 = make_source(source, size)
         started = time.perf_counter()
         with _server(scratch / "weed") as s3:
             bench = _Bench(s3, source, source_sha256)
