@@ -15,7 +15,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import _apt
 from bench._core import BenchError
 
 __all__ = ["Nginx", "ensure_installed", "serving"]
@@ -47,23 +47,7 @@ def _which() -> str | None:
 
 def ensure_installed() -> str:
     """The nginx binary, installed with apt-get first when there is none."""
-    found = _which()
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise BenchError(
-            "nginx is not installed and cannot be installed from here "
-            "(run as root on Debian, or `apt-get install nginx-light` yourself)"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    print("bench: installing nginx with apt-get", file=sys.stderr, flush=True)
-    if subprocess.run(["apt-get", "update", "-qq"], env=env, check=False).returncode != 0:
-        raise BenchError("apt-get update failed; cannot install nginx")
-    for package in _PACKAGES:
-        done = subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env, check=False)
-        if done.returncode == 0 and (found := _which()):
-            return found
-    raise BenchError(f"apt-get could not install any of {', '.join(_PACKAGES)}")
+    return _apt.ensure_installed("nginx", _PACKAGES, _which)
 
 
 def _build(binary: str) -> tuple[str, str]:

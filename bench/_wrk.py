@@ -13,11 +13,11 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import _apt
 from bench._core import BenchError
 
 __all__ = ["DONE_LUA", "Result", "ensure_installed", "run", "version"]
@@ -91,22 +91,7 @@ def _which() -> str | None:
 
 def ensure_installed() -> str:
     """The wrk binary, installed with apt-get first when there is none."""
-    found = _which()
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise BenchError(
-            "wrk is not installed and cannot be installed from here "
-            "(run as root on Debian, or `apt-get install wrk` yourself)"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    print("bench: installing wrk with apt-get", file=sys.stderr, flush=True)
-    if subprocess.run(["apt-get", "update", "-qq"], env=env, check=False).returncode != 0:
-        raise BenchError("apt-get update failed; cannot install wrk")
-    done = subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], env=env, check=False)
-    if done.returncode == 0 and (found := _which()):
-        return found
-    raise BenchError("apt-get could not install wrk")
+    return _apt.ensure_installed("wrk", ("wrk",), _which)
 
 
 def version(binary: str) -> str:
