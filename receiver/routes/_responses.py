@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-__all__ = ["error", "http_error"]
+__all__ = ["JSON", "error", "http_error"]
+
+# What JSONResponse.render's json.dumps(...) builds on every call, built once.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+class JSON(JSONResponse):
+    """A JSONResponse, byte for byte, that reuses one encoder instead of making one per answer."""
+
+    def render(self, content: Any) -> bytes:
+        return _ENCODER.encode(content).encode("utf-8")
 
 
 def error(
     status_code: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message}, status_code, headers=headers)
+    return JSON({"error": code, "message": message}, status_code, headers=headers)
 
 
 _MESSAGES = {

@@ -5,22 +5,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Scope
 
 from receiver import tokens
 from receiver._clock import utc_now
 from receiver.ledger import Ledger, LedgerUnavailable, Outcome, Update
 from receiver.models import PayloadError, Source, parse_task
 from receiver.poller import poll_after
-from receiver.routes._responses import error
+from receiver.routes._responses import JSON, error
 from receiver.settings import Settings
 
-__all__ = ["routes"]
+__all__ = ["direct", "routes"]
 
 log = logging.getLogger("receiver.callbacks")
 
@@ -49,22 +50,25 @@ UNKNOWN_URL = (
 )
 
 
-def _refuser(request: Request, started: float) -> Callable[..., Response]:
+def _refuse(
+    request: Request,
+    started: float,
+    status_code: int,
+    code: str,
+    message: str,
+    **fields: object,
+) -> Response:
     """Answers a refused delivery: counted and logged, never recorded."""
+    request.app.state.stats.refused[code] += 1
     remote = request.client.host if request.client else None
-
-    def refuse(status_code: int, code: str, message: str, **fields: object) -> Response:
-        request.app.state.stats.refused[code] += 1
-        extra = {"outcome": "refused", "reason": code, "remote": remote}
-        log.warning("delivery refused", extra=extra | {"latency_ms": _ms(started)} | fields)
-        return error(status_code, code, message)
-
-    return refuse
+    extra = {"outcome": "refused", "reason": code, "remote": remote}
+    log.warning("delivery refused", extra=extra | {"latency_ms": _ms(started)} | fields)
+    return error(status_code, code, message)
 
 
 async def unknown(request: Request) -> Response:
     """A POST under /callbacks/ that is no callback URL (often one pasted incompletely)."""
-    return _refuser(request, time.perf_counter())(404, "unknown_callback_url", UNKNOWN_URL)
+    return _refuse(request, time.perf_counter(), 404, "unknown_callback_url", UNKNOWN_URL)
 
 
 async def receive(request: Request) -> Response:
@@ -72,24 +76,31 @@ async def receive(request: Request) -> Response:
     started = time.perf_counter()
     settings: Settings = request.app.state.settings
     remote = request.client.host if request.client else None
-    refuse = _refuser(request, started)
 
     params = request.path_params
     action = f"{params['action']}/{params['action2']}" if "action" in params else None
     ref = tokens.verify(settings.secret("callback_secret"), params["ref"], params["sig"], action)
     if ref is None:
-        return refuse(404, "unknown_callback_url", UNKNOWN_URL)
+        return _refuse(request, started, 404, "unknown_callback_url", UNKNOWN_URL)
 
     limit = settings.max_callback_bytes
     try:
         body = await _read_body(request, limit)
     except _TooLarge:
-        return refuse(
-            413, "body_too_large", f"The body is larger than the {limit} bytes a callback may have."
+        return _refuse(
+            request,
+            started,
+            413,
+            "body_too_large",
+            f"The body is larger than the {limit} bytes a callback may have.",
         )
     except ClientDisconnect:  # the sender hung up mid-body: nothing to record, no one to answer
-        return refuse(
-            400, "disconnected", "The sender closed the connection before the body ended."
+        return _refuse(
+            request,
+            started,
+            400,
+            "disconnected",
+            "The sender closed the connection before the body ended.",
         )
 
     webhook: Webhook | None = request.app.state.webhook
@@ -104,7 +115,9 @@ async def receive(request: Request) -> Response:
         except ValueError:  # the library's own words here would be "not enough values to unpack"
             reason = "webhook-signature must be space-separated v1,<base64> signatures"
         if reason is not None:
-            return refuse(
+            return _refuse(
+                request,
+                started,
                 401,
                 "bad_signature",
                 f"The Standard Webhooks signature does not check out: {reason}.",
@@ -113,15 +126,19 @@ async def receive(request: Request) -> Response:
     try:
         data = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
-        return refuse(400, "bad_json", "The body is not UTF-8 text, so it cannot be JSON.")
+        return _refuse(
+            request, started, 400, "bad_json", "The body is not UTF-8 text, so it cannot be JSON."
+        )
     except ValueError as exc:
-        return refuse(400, "bad_json", f"The body is not valid JSON ({exc}).")
+        return _refuse(request, started, 400, "bad_json", f"The body is not valid JSON ({exc}).")
     except RecursionError:
-        return refuse(400, "bad_json", "The body nests JSON arrays or objects too deeply.")
+        return _refuse(
+            request, started, 400, "bad_json", "The body nests JSON arrays or objects too deeply."
+        )
     try:
         task = parse_task(data)
     except PayloadError as exc:
-        return refuse(422, "bad_shape", str(exc))
+        return _refuse(request, started, 422, "bad_shape", str(exc))
 
     update = Update(
         task=task,
@@ -145,7 +162,9 @@ async def receive(request: Request) -> Response:
             "The delivery could not be recorded right now; send it again later.",
         )
     if applied.outcome is Outcome.refused:
-        return refuse(401, "wrong_task", f"Refused: {applied.reason}.", task_id=task.task_id)
+        return _refuse(
+            request, started, 401, "wrong_task", f"Refused: {applied.reason}.", task_id=task.task_id
+        )
 
     request.app.state.stats.deliveries[applied.outcome.value] += 1
     if applied.assets_created and request.app.state.downloader is not None:
@@ -166,7 +185,7 @@ async def receive(request: Request) -> Response:
             "latency_ms": _ms(started),
         },
     )
-    return JSONResponse(
+    return JSON(
         {
             "ok": True,
             "task_id": task.task_id,
@@ -181,12 +200,29 @@ async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise _TooLarge
-    chunks = bytearray()
-    async for chunk in request.stream():
-        chunks += chunk
-        if len(chunks) > limit:
-            raise _TooLarge
-    return bytes(chunks)
+    # Read the ASGI messages directly (as Request.stream would): most bodies arrive whole
+    # in the first one, which is then taken as it is.
+    receive = request.receive
+    chunks: bytearray | None = None
+    while True:
+        message = await receive()
+        kind = message["type"]
+        if kind == "http.request":
+            chunk: bytes = message.get("body", b"")
+            more = message.get("more_body", False)
+            if chunks is None:
+                if not more:
+                    if len(chunk) > limit:
+                        raise _TooLarge
+                    return bytes(chunk)
+                chunks = bytearray()
+            chunks += chunk
+            if len(chunks) > limit:
+                raise _TooLarge
+            if not more:
+                return bytes(chunks)
+        elif kind == "http.disconnect":
+            raise ClientDisconnect()
 
 
 def _kept_headers(request: Request) -> dict[str, str]:
@@ -200,6 +236,38 @@ def _kept_headers(request: Request) -> dict[str, str]:
 
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
+
+
+_PREFIX = tokens.CALLBACK_PREFIX + "/"
+
+
+def direct(scope: Scope) -> Callable[[Request], Awaitable[Response]] | None:
+    """The endpoint for a POST to a callback URL, found without walking the router.
+
+    It matches exactly what the first two `routes` match (path segments are `[^/]+`),
+    setting the path parameters as they would; anything else returns None and goes
+    the usual way, through the router.
+    """
+    if scope["method"] != "POST" or scope.get("root_path"):
+        return None
+    path: str = scope["path"]
+    if not path.startswith(_PREFIX):
+        return None
+    parts = path[len(_PREFIX) :].split("/")
+    if len(parts) == 2:
+        ref, sig = parts
+        if not (ref and sig):
+            return None
+        scope["path_params"] = {"ref": ref, "sig": sig}
+    elif len(parts) == 4:
+        ref, sig, action, action2 = parts
+        if not (ref and sig and action and action2):
+            return None
+        scope["path_params"] = {"ref": ref, "sig": sig, "action": action, "action2": action2}
+    else:
+        return None
+    scope["endpoint"] = receive
+    return receive
 
 
 routes = [

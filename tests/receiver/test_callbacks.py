@@ -594,3 +594,22 @@ def test_refused_signatures_are_counted(signed_client: TestClient, webhook_secre
     signed_client.post(url_for(), content=body, headers=stale)
     signed_client.post(url_for(), content=body)
     assert stats(signed_client)["refused"] == {"bad_signature": 2}
+
+
+@pytest.mark.parametrize("suffix", ["/", "/extra", "//", "/a/b/c"])
+def test_callback_paths_the_routes_do_not_match_are_unknown(
+    client: TestClient, suffix: str
+) -> None:
+    """The direct path to the endpoint takes only what its routes match; the rest is unknown."""
+    response = client.post(url_for(tokens.task_ref("A")) + suffix, content=task_body())
+    assert_error(response, 404, "unknown_callback_url")
+    assert_nothing_recorded(client)
+
+
+def test_a_body_sent_in_chunks_is_read_whole(client: TestClient) -> None:
+    """A body that arrives in several pieces is recorded as the bytes that were sent."""
+    body = task_body(status="processing")
+    pieces = iter([body[:7], body[7:20], body[20:]])
+    response = client.post(url_for(tokens.task_ref("A")), content=pieces)
+    assert response.status_code == 200, response.text
+    assert recorded_events(client, TASK_ID)[0]["body"] == body.decode()
