@@ -33,21 +33,13 @@ app = Starlette(routes=[Route("/callbacks/kling/{rest:path}", receive, methods=[
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
+    from receiver.cli import server_config
+
     parser = argparse.ArgumentParser(prog="python -m bench._ingest_bare")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     options = parser.parse_args(argv)
-    # As receiver.cli.serve configures it, less the app.
-    config = uvicorn.Config(
-        app,
-        host=options.host,
-        port=options.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-        server_header=False,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(app, options.host, options.port))  # as `serve` runs
     server.run()
     return 0 if server.started else 1
 
