@@ -202,27 +202,21 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise _TooLarge
     # Read the ASGI messages directly (as Request.stream would): most bodies arrive whole
     # in the first one, which is then taken as it is.
-    receive = request.receive
-    chunks: bytearray | None = None
+    parts: list[bytes] = []
+    size = 0
     while True:
-        message = await receive()
-        kind = message["type"]
-        if kind == "http.request":
-            chunk: bytes = message.get("body", b"")
-            more = message.get("more_body", False)
-            if chunks is None:
-                if not more:
-                    if len(chunk) > limit:
-                        raise _TooLarge
-                    return bytes(chunk)
-                chunks = bytearray()
-            chunks += chunk
-            if len(chunks) > limit:
-                raise _TooLarge
-            if not more:
-                return bytes(chunks)
-        elif kind == "http.disconnect":
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
             raise ClientDisconnect()
+        if message["type"] != "http.request":
+            continue
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _kept_headers(request: Request) -> dict[str, str]:
