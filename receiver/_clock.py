@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import functools
+import math
+import time
+from datetime import datetime
 
-__all__ = ["parse_time", "utc_in", "utc_now"]
+__all__ = ["parse_time", "stamp", "utc_in", "utc_now"]
 
 
 def utc_now() -> str:
     """Now as ISO 8601 UTC with milliseconds, sortable as text: 2026-11-25T03:38:59.123Z."""
-    return utc_in(0)
+    return stamp(time.time())
 
 
 def utc_in(seconds: float) -> str:
     """That many seconds from now, in the same sortable form as `utc_now`."""
-    when = datetime.now(UTC) + timedelta(seconds=seconds)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return stamp(time.time() + seconds)
+
+
+def stamp(epoch: float) -> str:
+    """Seconds since the epoch in the form of `utc_now`: to the microsecond, then truncated."""
+    fraction, whole = math.modf(epoch)  # as datetime.fromtimestamp rounds (epoch >= 0)
+    micros = round(fraction * 1_000_000)
+    if micros == 1_000_000:
+        whole, micros = whole + 1, 0
+    return f"{_second(int(whole))}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=16)
+def _second(whole: int) -> str:
+    # A delivery asks for the same few seconds many times over: one strftime for each.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 def parse_time(text: str) -> datetime:

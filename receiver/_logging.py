@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from itertools import islice
 from typing import Any
+
+from receiver._clock import stamp
 
 __all__ = ["configure_logging"]
 
@@ -28,19 +29,9 @@ _ENCODER = json.JSONEncoder(default=str)
 class JSONFormatter(logging.Formatter):
     """Time, level, logger, message and every `extra=` field, as one JSON object."""
 
-    _second = -1
-    _stamp = ""
-
-    def _time(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
-        if second != self._second:  # one strftime a second, not one a line
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int(record.msecs):03d}Z"
-
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self._time(record),
+            "time": stamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

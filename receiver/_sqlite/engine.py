@@ -2,7 +2,9 @@
 
 Every write goes through one thread that takes whatever writes are waiting,
 runs them in one transaction and commits them together, so a burst of
-deliveries costs one fsync rather than one each. One write that fails does not
+deliveries costs one fsync rather than one each. While it runs a group, the
+event loops waiting for those writes stand aside (see `_loops_aside`). One write
+that fails does not
 sink the others: the group is then run again, each write in its own savepoint,
 and only the failed one is undone. Readers use their own connections and never
 wait for the writer. Several processes may share the file: SQLite's lock
@@ -12,11 +14,14 @@ serialises their writers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -29,6 +34,8 @@ T = TypeVar("T")
 _Op = Callable[[sqlite3.Connection], Any]
 _Settled = tuple[asyncio.Future[Any], Any, BaseException | None]  # a write's future and outcome
 _MAX_BATCH = 512
+_ASIDE_WAIT = 0.05  # seconds the writer waits for a loop to stand aside before writing anyway
+_ASIDE_MOST = 0.25  # the longest a loop stands aside for one group
 
 
 class Engine:
@@ -100,9 +107,11 @@ class Engine:
         self, conn: sqlite3.Connection, batch: list[tuple[_Op, asyncio.Future[Any]]]
     ) -> None:
         results: list[tuple[Any, BaseException | None]] | None
+        loops = {future.get_loop() for _, future in batch}
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            results = _run_together(conn, batch)
+            conn.execute("BEGIN IMMEDIATE")  # may wait for another process: loops carry on
+            with _loops_aside(loops):
+                results = _run_together(conn, batch)
             if results is None:
                 # One write failed part-way: undo the group and run it again, each write in
                 # a savepoint of its own, so that only the failed one is undone. (Savepoints
@@ -110,8 +119,9 @@ class Engine:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
-                results = _run_apart(conn, batch)
-            conn.execute("COMMIT")
+                with _loops_aside(loops):
+                    results = _run_apart(conn, batch)
+            conn.execute("COMMIT")  # the fsync: loops carry on
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -122,7 +132,8 @@ class Engine:
         for (_, future), (value, error) in zip(batch, results, strict=True):
             by_loop.setdefault(future.get_loop(), []).append((future, value, error))
         for loop, settled in by_loop.items():
-            loop.call_soon_threadsafe(_settle, settled)
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there
+                loop.call_soon_threadsafe(_settle, settled)
 
     async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run `op` in the writer's transaction; its result once committed.
@@ -161,6 +172,43 @@ class Engine:
             return await asyncio.get_running_loop().run_in_executor(self._readers, run)
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"the database did not answer: {exc}") from exc
+
+
+@contextmanager
+def _loops_aside(loops: Iterable[asyncio.AbstractEventLoop]) -> Iterator[None]:
+    """While the writer runs a group's statements, the event loops keep off the GIL.
+
+    sqlite3 releases the GIL for every statement it steps. An event loop busy with
+    requests takes it at once, and the writer then waits to get it back, statement
+    after statement: a group of deliveries took many times the CPU it needs, and
+    the writer, not the loop, limited how many deliveries a second were recorded
+    (`python -m bench ingest`). So each loop is asked to block on an Event, holding
+    nothing, until the statements have run: a millisecond or two for a usual group.
+    A loop that has not stood aside within `_ASIDE_WAIT` (a long callback, or a
+    closed loop) is not waited for, and none stands aside longer than `_ASIDE_MOST`.
+    The loops carry on during BEGIN IMMEDIATE and COMMIT, which wait on locks and disks.
+    """
+    done = threading.Event()
+    asides: list[threading.Event] = []
+    for loop in loops:
+        aside = threading.Event()
+
+        def stand_aside(aside: threading.Event = aside) -> None:
+            aside.set()
+            done.wait(_ASIDE_MOST)
+
+        try:
+            loop.call_soon_threadsafe(stand_aside)
+        except RuntimeError:  # the loop is closed: nobody waits there
+            continue
+        asides.append(aside)
+    deadline = time.monotonic() + _ASIDE_WAIT
+    for aside in asides:
+        aside.wait(max(0.0, deadline - time.monotonic()))
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def _run_together(

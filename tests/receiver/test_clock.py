@@ -1,0 +1,27 @@
+"""Recorded times: ISO 8601 UTC with milliseconds, the same as datetime would write them."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from receiver._clock import parse_time, stamp, utc_in, utc_now
+
+
+@given(st.floats(min_value=0, max_value=253402300799.0))  # up to the end of year 9999
+@example(2509796723.9569993)  # float rounding just below a millisecond boundary
+@example(1764059939.9999996)  # rounds up into the next second
+def test_stamp_writes_what_datetime_writes(epoch: float) -> None:
+    expected = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+    assert stamp(epoch) == expected.replace("+00:00", "Z")
+
+
+def test_now_and_later_read_back_and_sort_as_text() -> None:
+    before = time.time()
+    now, later, earlier = utc_now(), utc_in(90), utc_in(-90)
+    assert earlier < now < later
+    assert abs(parse_time(now).timestamp() - before) < 5
+    assert round((parse_time(later) - parse_time(now)).total_seconds()) == 90
