@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help=f"benchmarks to run (default: all of {', '.join(benchmarks)})",
     )
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per subject (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per subject (default 5)")
     parser.add_argument(
         "--dir",
         type=Path,
