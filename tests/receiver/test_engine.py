@@ -8,10 +8,11 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from receiver._sqlite.engine import Engine
+from receiver._sqlite.engine import _ASIDE_FROM, Engine
 
 pytestmark = pytest.mark.anyio
 
@@ -62,28 +63,53 @@ async def test_a_constraint_error_spares_the_rest_of_its_group(tmp_path: Path) -
     assert stored == ["a", "b", "c"]
 
 
+class _Ticker:
+    """Counts the event loop's turns: one a millisecond while the loop runs."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self._loop = asyncio.get_running_loop()
+        self._tick()
+
+    def _tick(self) -> None:
+        self.ticks += 1
+        self._loop.call_later(0.001, self._tick)
+
+    def slow(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        """A write that takes 0.04 s (the loop would tick about 40 times): ticks before, after.
+
+        A group of _ASIDE_FROM of them stays under _ASIDE_MOST, the longest a loop stands aside.
+        """
+        before = self.ticks
+        time.sleep(0.04)
+        return before, self.ticks
+
+
+async def _group_behind_a_busy_writer(engine: Engine, ops: list[Callable[..., Any]]) -> list[Any]:
+    """Run `ops` as one group: queued while the writer is busy with another write."""
+    busy = asyncio.ensure_future(engine.write(lambda conn: time.sleep(0.1)))
+    await asyncio.sleep(0.02)
+    results = await asyncio.wait_for(asyncio.gather(busy, *(engine.write(op) for op in ops)), 5)
+    return results[1:]
+
+
 async def test_the_event_loop_stands_aside_while_its_writes_run(tmp_path: Path) -> None:
     """While the writer runs a group's statements, the loop waiting for them runs nothing
     (it would take the GIL from the writer at every statement)."""
-    ticks = 0
-    loop = asyncio.get_running_loop()
-
-    def tick() -> None:
-        nonlocal ticks
-        ticks += 1
-        loop.call_later(0.001, tick)
-
-    def slow(conn: sqlite3.Connection) -> tuple[int, int]:
-        before = ticks
-        time.sleep(0.1)  # the loop would tick about 100 times if it ran
-        return before, ticks
-
     async with Engine(tmp_path / "ledger.db") as engine:
-        tick()
-        before, after = await asyncio.wait_for(engine.write(slow), 5)
+        ticker = _Ticker()
+        results = await _group_behind_a_busy_writer(engine, [ticker.slow] * _ASIDE_FROM)
         await asyncio.sleep(0.05)
-    assert after == before
-    assert ticks > after  # the loop ticked again once the statements had run
+    assert all(before == after for before, after in results)
+    assert ticker.ticks > results[-1][1]  # and ticked again once the statements had run
+
+
+async def test_a_small_group_does_not_ask_the_loop_to_stand_aside(tmp_path: Path) -> None:
+    """A lone write (a download's claim, say) is done without stopping the loop."""
+    async with Engine(tmp_path / "ledger.db") as engine:
+        ticker = _Ticker()
+        before, after = await asyncio.wait_for(engine.write(ticker.slow), 5)
+    assert after > before
 
 
 async def test_a_busy_loop_does_not_hold_up_the_writer(tmp_path: Path) -> None:
@@ -94,12 +120,15 @@ async def test_a_busy_loop_does_not_hold_up_the_writer(tmp_path: Path) -> None:
         ran_at.append(time.monotonic())
 
     async with Engine(tmp_path / "ledger.db") as engine:
-        write = asyncio.ensure_future(engine.write(op))
-        await asyncio.sleep(0)  # the write is queued
+        busy = asyncio.ensure_future(engine.write(lambda conn: time.sleep(0.1)))
+        await asyncio.sleep(0.02)
+        group = [asyncio.ensure_future(engine.write(op)) for _ in range(_ASIDE_FROM)]
+        await asyncio.sleep(0)  # the group is queued
         blocked_at = time.monotonic()
         time.sleep(0.5)  # noqa: ASYNC251 (the point: this loop answers nothing meanwhile)
-        await asyncio.wait_for(write, 5)
-    assert ran_at and ran_at[0] - blocked_at < 0.3
+        await asyncio.wait_for(asyncio.gather(busy, *group), 5)
+    # The busy write's 0.1 s, then at most _ASIDE_WAIT (0.05 s) waiting for the loop.
+    assert len(ran_at) == _ASIDE_FROM and max(ran_at) - blocked_at < 0.3
 
 
 async def test_a_closed_loop_does_not_stop_the_writer(tmp_path: Path) -> None:
