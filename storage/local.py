@@ -27,9 +27,10 @@ __all__ = ["LocalSink", "LocalWriter"]
 
 # Written bytes left dirty in the page cache before the kernel is asked to start writing them out.
 _WRITE_BEHIND = 8 << 20
-# Larger write() calls into the page cache were 2-5x slower, and erratic, on the benchmark
-# machine (Linux 6.18, ext4; dd shows it too); 64 KiB ones ran steadily. See BENCHMARKS.md.
-_WRITE_MAX = 64 << 10
+# Larger write() calls into the page cache were up to 5x slower, and erratic, on the benchmark
+# machine (Linux 6.18, ext4; dd shows it too). 16 KiB ones, the size curl writes, ran
+# steadily; 64 KiB ones did for a while, then did not. See BENCHMARKS.md.
+_WRITE_MAX = 16 << 10
 # Below this much free space the sink reports itself unavailable and downloads wait.
 _MIN_FREE = 16 << 20
 
