@@ -22,10 +22,12 @@ def utc_in(seconds: float) -> str:
 
 def stamp(epoch: float) -> str:
     """Seconds since the epoch in the form of `utc_now`: to the microsecond, then truncated."""
-    fraction, whole = math.modf(epoch)  # as datetime.fromtimestamp rounds (epoch >= 0)
+    fraction, whole = math.modf(epoch)  # rounded as datetime.fromtimestamp rounds
     micros = round(fraction * 1_000_000)
-    if micros == 1_000_000:
-        whole, micros = whole + 1, 0
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:  # before 1970
+        whole, micros = whole - 1, micros + 1_000_000
     return f"{_second(int(whole))}.{micros // 1000:03d}Z"
 
 

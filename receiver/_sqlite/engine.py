@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import queue
 import sqlite3
 import threading
@@ -188,6 +189,7 @@ def _loops_aside(loops: Iterable[asyncio.AbstractEventLoop]) -> Iterator[None]:
     A loop that has not stood aside within `_ASIDE_WAIT` (a long callback, or a
     closed loop) is not waited for, and none stands aside longer than `_ASIDE_MOST`.
     The loops carry on during BEGIN IMMEDIATE and COMMIT, which wait on locks and disks.
+    Only event loops stand aside: download and reader threads take turns as before.
     Groups of fewer than `_ASIDE_FROM` writes run without: asking costs about what it
     saves there (a burst of downloads, whose claims and records come one or two to a
     group, took 8% longer with every group asking: `python -m bench burst`).
@@ -202,7 +204,9 @@ def _loops_aside(loops: Iterable[asyncio.AbstractEventLoop]) -> Iterator[None]:
             done.wait(_ASIDE_MOST)
 
         try:
-            loop.call_soon_threadsafe(stand_aside)
+            # Two hops: the loop first runs what it already has, the tasks that the
+            # previous group's results woke among it, so that they do not wait for this group.
+            loop.call_soon_threadsafe(functools.partial(loop.call_soon, stand_aside))
         except RuntimeError:  # the loop is closed: nobody waits there
             continue
         asides.append(aside)

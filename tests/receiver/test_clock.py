@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from receiver._clock import parse_time, stamp, utc_in, utc_now
 
 
-@given(st.floats(min_value=0, max_value=253402300799.0))  # up to the end of year 9999
+# From 1900 (gmtime and strftime pad years from 1000 on only) to the end of year 9999.
+@given(st.floats(min_value=-2208988800.0, max_value=253402300799.0))
 @example(2509796723.9569993)  # float rounding just below a millisecond boundary
 @example(1764059939.9999996)  # rounds up into the next second
+@example(-1.5)  # before 1970: the fraction counts up from the second before
 def test_stamp_writes_what_datetime_writes(epoch: float) -> None:
     expected = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
     assert stamp(epoch) == expected.replace("+00:00", "Z")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,10 +86,22 @@ class _Ticker:
         return before, self.ticks
 
 
+async def _busy_writer(engine: Engine, seconds: float = 0.1) -> asyncio.Future[Any]:
+    """A write that keeps the writer busy for `seconds`, once the writer has begun it."""
+    started = threading.Event()
+
+    def busy(conn: sqlite3.Connection) -> None:
+        started.set()
+        time.sleep(seconds)
+
+    write = asyncio.ensure_future(engine.write(busy))
+    await asyncio.to_thread(started.wait, 5)
+    return write
+
+
 async def _group_behind_a_busy_writer(engine: Engine, ops: list[Callable[..., Any]]) -> list[Any]:
     """Run `ops` as one group: queued while the writer is busy with another write."""
-    busy = asyncio.ensure_future(engine.write(lambda conn: time.sleep(0.1)))
-    await asyncio.sleep(0.02)
+    busy = await _busy_writer(engine)
     results = await asyncio.wait_for(asyncio.gather(busy, *(engine.write(op) for op in ops)), 5)
     return results[1:]
 
@@ -120,8 +133,7 @@ async def test_a_busy_loop_does_not_hold_up_the_writer(tmp_path: Path) -> None:
         ran_at.append(time.monotonic())
 
     async with Engine(tmp_path / "ledger.db") as engine:
-        busy = asyncio.ensure_future(engine.write(lambda conn: time.sleep(0.1)))
-        await asyncio.sleep(0.02)
+        busy = await _busy_writer(engine)
         group = [asyncio.ensure_future(engine.write(op)) for _ in range(_ASIDE_FROM)]
         await asyncio.sleep(0)  # the group is queued
         blocked_at = time.monotonic()
@@ -132,25 +144,55 @@ async def test_a_busy_loop_does_not_hold_up_the_writer(tmp_path: Path) -> None:
 
 
 async def test_a_closed_loop_does_not_stop_the_writer(tmp_path: Path) -> None:
-    """A write whose event loop closed before it ran (or before it committed) is done
-    anyway, and the writer goes on serving everyone else."""
-
-    def slow(conn: sqlite3.Connection) -> None:
-        time.sleep(0.3)
+    """Writes whose event loop closed before they ran (a group big enough to ask the loop
+    to stand aside) are done anyway, and the writer goes on serving everyone else."""
+    closed = threading.Event()
+    names = [f"from a closed loop {i}" for i in range(_ASIDE_FROM)]
 
     async with Engine(tmp_path / "ledger.db") as engine:
         await engine.write(lambda conn: conn.execute("CREATE TABLE notes (name TEXT UNIQUE)"))
-        first = asyncio.ensure_future(engine.write(slow))
-        await asyncio.sleep(0.05)  # the writer is busy with `slow`
+        first = asyncio.ensure_future(engine.write(lambda conn: closed.wait(5)))
 
         async def give_up() -> None:
+            writes = asyncio.gather(*(engine.write(_insert(name)) for name in names))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(engine.write(_insert("from a closed loop")), 0.05)
+                await asyncio.wait_for(writes, 0.05)
 
-        await asyncio.to_thread(asyncio.run, give_up())  # its loop is closed on return
+        def run_and_close() -> None:
+            asyncio.run(give_up())  # closes its loop on return
+            closed.set()
+
+        await asyncio.to_thread(run_and_close)
         await asyncio.wait_for(first, 5)
         assert await asyncio.wait_for(engine.write(_insert("after")), 5) == "after"
-        names = await engine.read(
+        stored = await engine.read(
             lambda conn: sorted(row[0] for row in conn.execute("SELECT name FROM notes"))
         )
-    assert names == ["after", "from a closed loop"]
+    assert stored == sorted([*names, "after"])
+
+
+async def test_results_are_taken_before_the_loop_stands_aside_again(tmp_path: Path) -> None:
+    """A caller that awaits its write (as a delivery does) resumes before its loop stands
+    aside for the next group, not after that group's statements."""
+    busy_started = threading.Event()
+    started: list[float] = []
+
+    def busy(conn: sqlite3.Connection) -> None:
+        busy_started.set()
+        time.sleep(0.1)
+
+    def op(conn: sqlite3.Connection) -> None:
+        started.append(time.monotonic())
+        time.sleep(0.02)
+
+    async with Engine(tmp_path / "ledger.db") as engine:
+
+        async def queue_group() -> list[None]:
+            await asyncio.to_thread(busy_started.wait, 5)
+            return await asyncio.gather(*(engine.write(op) for _ in range(_ASIDE_FROM)))
+
+        group = asyncio.ensure_future(queue_group())
+        await engine.write(busy)  # in this task, not wrapped in another (as wait_for would)
+        resumed = time.monotonic()
+        await asyncio.wait_for(group, 5)
+    assert resumed < min(started)
