@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import argparse
 import enum
+import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-__all__ = ["BenchError", "Benchmark", "Goal", "Report", "Role", "Row", "paired_ratio"]
+__all__ = [
+    "BenchError",
+    "Benchmark",
+    "Goal",
+    "Report",
+    "Role",
+    "Row",
+    "paired_ratio",
+    "shuffled_rounds",
+]
+
+_S = TypeVar("_S")
 
 
 class BenchError(Exception):
@@ -80,3 +92,16 @@ def paired_ratio(subject: Sequence[float], baseline: Sequence[float]) -> float:
     if len(subject) != len(baseline) or not subject:
         raise ValueError("paired samples must be non-empty and of equal length")
     return statistics.median(s / b for s, b in zip(subject, baseline, strict=True))
+
+
+def shuffled_rounds(subjects: Sequence[_S], rounds: int, seed: int) -> Iterator[tuple[int, _S]]:
+    """(round number from 1, subject): every subject once a round, in an order drawn anew
+    each round from `seed`.
+
+    Shuffled, not rotated: a rotation keeps each subject behind the same one every round,
+    and what one run leaves behind (freed page cache, pending writeback) can slow the next.
+    """
+    shuffler = random.Random(seed)
+    for number in range(1, rounds + 1):
+        for subject in shuffler.sample(subjects, len(subjects)):
+            yield number, subject

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["make_source", "reset_peak", "status_kib"]
+__all__ = ["fresh_dir", "make_source", "reset_peak", "status_kib"]
 
 _MIB = 1 << 20
 
@@ -46,3 +49,15 @@ def make_source(path: Path, size: int) -> str:
         out.flush()
         os.fsync(out.fileno())
     return digest.hexdigest()
+
+
+@contextmanager
+def fresh_dir(path: Path) -> Iterator[Path]:
+    """`path`, created empty for one run, then removed and synced, so that the next run
+    starts with no writeback of this one pending."""
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+        os.sync()

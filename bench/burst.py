@@ -39,9 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench._burst_service import ACTION, Asset, ServiceRun, Task, run_service
-from bench._core import BenchError, Report, Role, Row, paired_ratio
+from bench._core import BenchError, Report, Role, Row, paired_ratio, shuffled_rounds
 from bench._machine import filesystem
 from bench._nginx import serving
+from bench._proc import fresh_dir
 
 __all__ = ["add_arguments", "run"]
 
@@ -251,22 +252,15 @@ def _measure(
     subjects: list[_Subject], scratch: Path, rounds: int, seed: int
 ) -> dict[str, list[_Sample]]:
     samples: dict[str, list[_Sample]] = {s.name: [] for s in subjects}
-    shuffler = random.Random(seed)
-    for number in range(rounds):
-        for subject in shuffler.sample(subjects, len(subjects)):
-            run_dir = scratch / "run"
-            run_dir.mkdir()
-            try:
-                sample = subject.measure(run_dir)
-            finally:
-                shutil.rmtree(run_dir)
-                os.sync()  # the next run starts with no writeback of this one pending
-            samples[subject.name].append(sample)
-            print(
-                f"bench: burst round {number + 1}/{rounds}: {subject.name}: {_describe(sample)}",
-                file=sys.stderr,
-                flush=True,
-            )
+    for number, subject in shuffled_rounds(subjects, rounds, seed):
+        with fresh_dir(scratch / "run") as run_dir:
+            sample = subject.measure(run_dir)
+        samples[subject.name].append(sample)
+        print(
+            f"bench: burst round {number}/{rounds}: {subject.name}: {_describe(sample)}",
+            file=sys.stderr,
+            flush=True,
+        )
     return samples
 
 

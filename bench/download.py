@@ -28,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench._core import BenchError, Goal, Report, Role, Row, paired_ratio
+from bench._core import BenchError, Goal, Report, Role, Row, paired_ratio, shuffled_rounds
 from bench._machine import filesystem
 from bench._nginx import serving
-from bench._proc import make_source
+from bench._proc import fresh_dir, make_source
 
 __all__ = ["add_arguments", "run"]
 
@@ -164,30 +164,21 @@ def _measure(
     subjects: list[_Subject], url: str, scratch: Path, source_sha256: str, rounds: int, seed: int
 ) -> dict[str, list[_Sample]]:
     samples: dict[str, list[_Sample]] = {s.name: [] for s in subjects}
-    # Shuffled, not rotated: a rotation keeps each subject behind the same one every round,
-    # and what one run leaves behind (freed page cache) can slow the next.
-    shuffler = random.Random(seed)
-    for number in range(rounds):
-        for subject in shuffler.sample(subjects, len(subjects)):
-            out = scratch / "out"
-            out.mkdir()
-            try:
-                sample = subject.measure(url, out)
-                stored = _sha256(_output(out))
-                for what, got in (("stored", stored), ("reported", sample.reported_sha256)):
-                    if got not in (None, source_sha256):
-                        raise BenchError(f"{subject.name}: {what} sha256 {got} != {source_sha256}")
-            finally:
-                shutil.rmtree(out)
-                os.sync()  # the next run starts with no writeback of this one pending
-            samples[subject.name].append(sample)
-            rss = "" if sample.rss_growth_mib is None else f", RSS +{sample.rss_growth_mib:.1f} MiB"
-            print(
-                f"bench: download round {number + 1}/{rounds}: {subject.name}: "
-                f"{sample.mib_s:.1f} MiB/s{rss}",
-                file=sys.stderr,
-                flush=True,
-            )
+    for number, subject in shuffled_rounds(subjects, rounds, seed):
+        with fresh_dir(scratch / "out") as out:
+            sample = subject.measure(url, out)
+            stored = _sha256(_output(out))
+            for what, got in (("stored", stored), ("reported", sample.reported_sha256)):
+                if got not in (None, source_sha256):
+                    raise BenchError(f"{subject.name}: {what} sha256 {got} != {source_sha256}")
+        samples[subject.name].append(sample)
+        rss = "" if sample.rss_growth_mib is None else f", RSS +{sample.rss_growth_mib:.1f} MiB"
+        print(
+            f"bench: download round {number}/{rounds}: {subject.name}: "
+            f"{sample.mib_s:.1f} MiB/s{rss}",
+            file=sys.stderr,
+            flush=True,
+        )
     return samples
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import _wrk
-from bench._core import BenchError, Goal, Report, Role, Row, paired_ratio
+from bench._core import BenchError, Goal, Report, Role, Row, paired_ratio, shuffled_rounds
 from bench._ingest_load import BLOCK, Workload, build
 from bench._machine import filesystem
 from bench._proc import status_kib
@@ -364,21 +364,19 @@ def _measure(
     seed: int,
 ) -> dict[str, list[_Sample]]:
     samples: dict[str, list[_Sample]] = {s.name: [] for s in subjects}
-    shuffler = random.Random(seed)
-    for number in range(options.rounds):
-        for subject in shuffler.sample(subjects, len(subjects)):
-            directory = scratch / f"round-{number + 1}-{subject.role.value}"
-            sample = _measure_one(subject, directory, options, binary, workload, admin_token)
-            samples[subject.name].append(sample)
-            result = sample.measured
-            print(
-                f"bench: ingest round {number + 1}/{options.rounds}: {subject.name}: "
-                f"{result.per_second:.0f} req/s, p50 {result.p50_ms:.1f} ms, "
-                f"p99 {result.p99_ms:.1f} ms, non-2xx {result.non_2xx}, "
-                f"socket errors {result.socket_errors}",
-                file=sys.stderr,
-                flush=True,
-            )
+    for number, subject in shuffled_rounds(subjects, options.rounds, seed):
+        directory = scratch / f"round-{number}-{subject.role.value}"
+        sample = _measure_one(subject, directory, options, binary, workload, admin_token)
+        samples[subject.name].append(sample)
+        result = sample.measured
+        print(
+            f"bench: ingest round {number}/{options.rounds}: {subject.name}: "
+            f"{result.per_second:.0f} req/s, p50 {result.p50_ms:.1f} ms, "
+            f"p99 {result.p99_ms:.1f} ms, non-2xx {result.non_2xx}, "
+            f"socket errors {result.socket_errors}",
+            file=sys.stderr,
+            flush=True,
+        )
     return samples
 
 

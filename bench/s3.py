@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench._core import BenchError, Goal, Report, Role, Row, paired_ratio
+from bench._core import BenchError, Goal, Report, Role, Row, paired_ratio, shuffled_rounds
 from bench._machine import filesystem
 from bench._proc import make_source
 
@@ -271,20 +271,19 @@ def _subjects(diagnose: bool) -> list[_Subject]:
 
 
 def _measure(
-    bench: _Bench, subjects: list[_Subject], rounds: int, shuffler: random.Random
+    bench: _Bench, subjects: list[_Subject], rounds: int, seed: int
 ) -> dict[str, list[_Sample]]:
     samples: dict[str, list[_Sample]] = {s.name: [] for s in subjects}
-    for number in range(rounds):
-        for subject in shuffler.sample(subjects, len(subjects)):
-            sample = bench.upload(subject)
-            samples[subject.name].append(sample)
-            print(
-                f"bench: s3 round {number + 1}/{rounds}: {subject.name}: "
-                f"{sample.mib_s:.1f} MiB/s, RSS +{sample.rss_growth_mib:.1f} MiB, "
-                f"CPU {sample.cpu_seconds:.1f} s (server {sample.server_cpu_seconds:.1f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
+    for number, subject in shuffled_rounds(subjects, rounds, seed):
+        sample = bench.upload(subject)
+        samples[subject.name].append(sample)
+        print(
+            f"bench: s3 round {number}/{rounds}: {subject.name}: "
+            f"{sample.mib_s:.1f} MiB/s, RSS +{sample.rss_growth_mib:.1f} MiB, "
+            f"CPU {sample.cpu_seconds:.1f} s (server {sample.server_cpu_seconds:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     return samples
 
 
@@ -305,7 +304,6 @@ def run(options: argparse.Namespace) -> Report:
     if size <= 0:
         raise BenchError("--s3-size-mib must be positive")
     seed = options.s3_seed if options.s3_seed is not None else random.randrange(1 << 16)
-    shuffler = random.Random(seed)
     subjects = _subjects(options.s3_diagnose)
     scratch = Path(tempfile.mkdtemp(prefix="kling-bench-s3-", dir=options.dir))
     try:
@@ -315,7 +313,7 @@ def run(options: argparse.Namespace) -> Report:
         started = time.perf_counter()
         with _server(scratch / "weed") as s3:
             bench = _Bench(s3, source, source_sha256)
-            samples = _measure(bench, subjects, options.rounds, shuffler)
+            samples = _measure(bench, subjects, options.rounds, seed)
             endpoint = s3.endpoint_url
         elapsed = time.perf_counter() - started
         disk = filesystem(scratch)

@@ -3,12 +3,11 @@
 Every write goes through one thread that takes whatever writes are waiting,
 runs them in one transaction and commits them together, so a burst of
 deliveries costs one fsync rather than one each. While it runs a group, the
-event loops waiting for those writes stand aside (see `_loops_aside`). One write
-that fails does not
-sink the others: the group is then run again, each write in its own savepoint,
-and only the failed one is undone. Readers use their own connections and never
-wait for the writer. Several processes may share the file: SQLite's lock
-serialises their writers.
+event loops waiting for those writes stand aside (see `_loops_aside`). One
+write that fails does not sink the others: the group is then run again, each
+write in its own savepoint, and only the failed one is undone. Readers use
+their own connections and never wait for the writer. Several processes may
+share the file: SQLite's lock serialises their writers.
 """
 
 from __future__ import annotations
