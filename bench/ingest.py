@@ -191,6 +191,21 @@ def _service_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "receiver"]
 
 
+def _spawn(
+    command: list[str], env: dict[str, str], cwd: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    """A server process with no stdin, its output appended to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            command,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def _start_service(secret: str, admin_token: str) -> Callable[[Path, int], _Server]:
     def start(directory: Path, port: int) -> _Server:
         env = _base_env() | {
@@ -203,16 +218,8 @@ def _start_service(secret: str, admin_token: str) -> Callable[[Path, int], _Serv
             "LOG_LEVEL": "INFO",
         }
         log = directory / "service.log"
-        with open(log, "ab") as out:
-            # cwd: the scratch directory, so that no .env of the checkout is read.
-            process = subprocess.Popen(
-                [*_service_command(), "serve"],
-                env=env,
-                cwd=directory,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        # cwd: the scratch directory, so that no .env of the checkout is read.
+        process = _spawn([*_service_command(), "serve"], env, directory, log)
         base = f"http://127.0.0.1:{port}"
 
         def ready() -> bool:
@@ -230,15 +237,8 @@ def _start_service(secret: str, admin_token: str) -> Callable[[Path, int], _Serv
 
 def _start_bare(directory: Path, port: int) -> _Server:
     log = directory / "bare.log"
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bench._ingest_bare", "--port", str(port)],
-            env=_base_env(),
-            cwd=_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    command = [sys.executable, "-m", "bench._ingest_bare", "--port", str(port)]
+    process = _spawn(command, _base_env(), _ROOT, log)
     base = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
