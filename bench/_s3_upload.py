@@ -1,9 +1,9 @@
 """One upload in a fresh process: `python -m bench._s3_upload --via sink|obstore ... FILE KEY`.
 
 `--via sink` is the service's path: `S3Sink.open(stem)`, `begin`, the file read
-1 MiB at a time into one reused buffer (as `storage.fetch` reads the socket),
-each chunk hashed (sha256) and handed to `writer.write` as a memoryview in the
-same thread, then `commit` (the multipart upload completed, the sha256 set by
+1 MiB at a time into the buffer `writer.buffer()` lends (as `storage.fetch`
+reads the socket), each chunk hashed (sha256) and handed to `writer.write` as a
+memoryview in the same thread, then `commit` (the multipart upload completed, the sha256 set by
 a copy onto itself, the sidecar PUT). The object is `STEM.mp4`.
 
 `--via obstore` is the library alone: one `obstore.put` of the same bytes to
@@ -40,11 +40,11 @@ from obstore.store import S3Store
 
 from bench._proc import reset_peak, status_kib
 from storage import S3Options, open_sink
+from storage.fetch import READ_SIZE
 from storage.s3 import S3Sink
 
 __all__ = ["Outcome", "main"]
 
-_CHUNK = 1 << 20  # what storage.fetch reads and writes at a time
 _T = TypeVar("_T")
 
 
@@ -96,8 +96,6 @@ def _sink(source: Path, stem: str, options: S3Options, bucket: str, hashing: boo
     sink.upload = _timed(phases, "upload", sink.upload)  # type: ignore[method-assign]
     sink.set_metadata = _timed(phases, "metadata", sink.set_metadata)  # type: ignore[method-assign]
     sink.put = _timed(phases, "sidecar", sink.put)  # type: ignore[method-assign]
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
     read = hashed = writing = 0.0
     size = 0
     with open(source, "rb", buffering=0) as held:
@@ -110,11 +108,12 @@ def _sink(source: Path, stem: str, options: S3Options, bucket: str, hashing: boo
             digest = writer.hasher()
             while True:
                 t0 = time.perf_counter()
+                buffer = writer.buffer()
                 count = held.readinto(buffer)
                 t1 = time.perf_counter()
                 if not count:
                     break
-                chunk = view[:count]
+                chunk = buffer[:count]
                 if hashing:
                     digest.update(chunk)
                 t2 = time.perf_counter()
@@ -140,7 +139,7 @@ def _sink(source: Path, stem: str, options: S3Options, bucket: str, hashing: boo
 
 def _chunks(source: Path) -> Iterator[bytes]:
     with open(source, "rb", buffering=0) as held:
-        while chunk := held.read(_CHUNK):
+        while chunk := held.read(READ_SIZE):
             yield chunk
 
 

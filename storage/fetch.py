@@ -1,7 +1,7 @@
 """Bytes from a URL: a streaming GET that checks, hashes and hands each chunk to a writer.
 
 The bulk path uses the standard library's `http.client` in a worker thread
-rather than httpx: it reads straight into one reusable 1 MiB buffer, and
+rather than httpx: it reads straight into 1 MiB buffers the writer lends, and
 hashing, socket reads and file writes all release the GIL, so a download runs
 at disk speed with flat memory (see BENCHMARKS.md). It never reads proxy
 variables, follows at most `max_redirects` redirects itself, checks every hop
@@ -26,9 +26,10 @@ from urllib.parse import quote, urljoin, urlsplit
 from storage._errors import FetchError, TooLarge
 from storage.guard import Target, UrlPolicy
 
-__all__ = ["Fetched", "Limits", "Writer", "fetch"]
+__all__ = ["READ_SIZE", "Fetched", "Limits", "Writer", "fetch"]
 
-_BUFFER = 1 << 20
+READ_SIZE = 1 << 20
+"""What one read asks of the response: the size of the buffers writers lend."""
 _REDIRECTS = {301, 302, 303, 307, 308}
 # Worth trying again: the server or a cache in front of it may answer differently later.
 _TRANSIENT = {408, 425, 429, 500, 502, 503, 504}
@@ -84,7 +85,17 @@ class Writer(Protocol):
         """The body follows: its Content-Type, the URL it comes from, its full size if known."""
         ...
 
-    def write(self, data: memoryview) -> None: ...
+    def buffer(self) -> memoryview:
+        """Where the next read goes: READ_SIZE bytes, asked for before every read.
+
+        `write` may keep the bytes it is given from here instead of copying them, so a
+        reader must not touch a buffer again after passing part of it to `write`.
+        """
+        ...
+
+    def write(self, data: memoryview) -> None:
+        """The next bytes of the body: a slice of the last `buffer()`."""
+        ...
 
 
 def fetch(
@@ -179,18 +190,17 @@ def _receive(
     writer.begin(content_type, final_url, expected)
     digest = writer.hasher()
     size = writer.offset
-    buffer = bytearray(_BUFFER)
-    view = memoryview(buffer)
     while True:
         if cancel is not None and cancel.is_set():
             raise FetchError(url, "stopped before the download finished", retry=True)
+        buffer = writer.buffer()
         count = response.readinto(buffer)
         if not count:
             break
         size += count
         if size > limits.max_bytes:
             raise TooLarge(url, f"the file is over the {limits.max_bytes} bytes allowed")
-        chunk = view[:count]
+        chunk = buffer[:count]
         digest.update(chunk)
         writer.write(chunk)
     if expected is not None and size != expected:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from storage._errors import SinkError
+from storage.fetch import READ_SIZE
 from storage.naming import key_parts
 
 __all__ = ["LocalSink", "LocalWriter"]
@@ -98,6 +99,7 @@ class LocalWriter:
             self._unflushed_from = self._offset
         except OSError as exc:
             raise _write_error(self._part, exc) from exc
+        self._buffer = memoryview(bytearray(READ_SIZE))
 
     @property
     def offset(self) -> int:
@@ -112,7 +114,7 @@ class LocalWriter:
         with open(self._part, "rb") as held:
             remaining = self._offset
             while remaining:
-                chunk = held.read(min(remaining, 1 << 20))
+                chunk = held.read(min(remaining, READ_SIZE))
                 if not chunk:
                     break
                 digest.update(chunk)
@@ -133,6 +135,10 @@ class LocalWriter:
 
     def begin(self, content_type: str | None, final_url: str, size: int | None) -> None:
         """Nothing to prepare: the bytes already go to the hidden .part file."""
+
+    def buffer(self) -> memoryview:
+        """The one buffer every read goes into: `write` puts its bytes in the file at once."""
+        return self._buffer
 
     def write(self, data: memoryview) -> None:
         with self._errors():

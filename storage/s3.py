@@ -10,6 +10,9 @@ key layout) with its JSON sidecar at `prefix/<key>.json`, written last.
   the size. The upload completes only after the download checked out (length and byte
   count); on any failure its source raises instead, and obstore aborts the upload, so no
   parts are left behind.
+- While it streams, each full buffer the download read into goes to obstore as it is,
+  not copied: obstore holds it (through the buffer protocol) until its part is sent,
+  and the next reads reuse the buffers it has let go of.
 - S3 fixes an object's metadata when its upload begins, before the sha256 is known, so a
   multipart object receives its sha256 through a copy onto itself that replaces the
   metadata: one server-side call, guarded by the ETag the upload returned.
@@ -20,6 +23,7 @@ key layout) with its JSON sidecar at `prefix/<key>.json`, written last.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 import json
@@ -39,6 +43,7 @@ from obstore.store import S3Store
 
 from storage._errors import SinkError
 from storage._sigv4 import sigv4_headers
+from storage.fetch import READ_SIZE
 from storage.naming import extension, key_parts
 
 if TYPE_CHECKING:
@@ -52,7 +57,7 @@ log = logging.getLogger("storage.s3")
 PROBE_KEY = ".kling-receiver/ready"
 """Written (and read back) under the prefix to check that the bucket takes files."""
 
-_QUEUED_CHUNKS = 4  # 1 MiB chunks between the download thread and the upload
+_QUEUED_CHUNKS = 4  # chunks (of READ_SIZE, 1 MiB) between the download thread and the upload
 _COPY_MAX = 5 << 30  # CopyObject's limit: larger objects keep their sha256 in the sidecar only
 _STOP_SECONDS = 60.0  # how long closing a writer waits for its upload to abort
 _CREDENTIALS = {
@@ -188,7 +193,7 @@ class S3Sink:
             raise self.error(exc, "upload to", key) from exc
 
     def upload(
-        self, key: str, chunks: Iterator[bytes | bytearray], content_type: str
+        self, key: str, chunks: Iterator[bytes | bytearray | memoryview], content_type: str
     ) -> str | None:
         """A multipart upload of what `chunks` yields; its ETag. Aborted if `chunks` raises."""
         options = self.options
@@ -308,6 +313,7 @@ class S3Writer:
         self._size = 0
         self._stored: dict[str, Any] | None = None  # the sidecar of the same file, already there
         self._upload: _Upload | None = None
+        self._scratch = memoryview(bytearray(READ_SIZE))  # reads copied or only hashed
 
     @property
     def offset(self) -> int:
@@ -332,12 +338,18 @@ class S3Writer:
         self._content_type = content_type or "application/octet-stream"
         self._stored = self._sink.stored(self._key, size)
 
+    def buffer(self) -> memoryview:
+        """Where the next read goes: while the upload streams, a buffer obstore may keep."""
+        if self._upload is not None:
+            return self._upload.buffer()
+        return self._scratch
+
     def write(self, data: memoryview) -> None:
         self._size += len(data)
         if self._stored is not None:
             return  # the download is only hashed (by fetch) to compare with the stored file
         if self._upload is not None:
-            self._upload.send(bytes(data))
+            self._upload.send(data)
             return
         self._held += data
         if len(self._held) > self._sink.options.part_size:
@@ -400,13 +412,25 @@ class _Aborted(Exception):
     """Raised inside the upload's source so that obstore aborts the multipart upload."""
 
 
+_Chunk = bytes | bytearray | memoryview
+
+
 class _Upload:
-    """A multipart upload in a thread of its own, fed chunk by chunk by the download thread."""
+    """A multipart upload in a thread of its own, fed chunk by chunk by the download thread.
+
+    Full buffers it lent go to obstore without a copy. obstore takes each chunk through
+    the buffer protocol and lets go of it once its part is sent; until then the chunk's
+    memoryview refuses `release()`, which is how `_reclaim` knows a buffer is free again.
+    """
 
     def __init__(self, sink: S3Sink, key: str, content_type: str, first: bytearray) -> None:
         self._sink = sink
         self._key = key
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUED_CHUNKS)
+        self._queue: queue.Queue[_Chunk | None] = queue.Queue(maxsize=_QUEUED_CHUNKS)
+        self._lent: bytearray | None = None  # the buffer of the read in progress
+        # Chunks obstore has taken, oldest first; appended by the upload thread, reclaimed
+        # by the download thread (single deque operations are atomic).
+        self._taken: collections.deque[memoryview] = collections.deque()
         self._aborted = threading.Event()
         self._etag: str | None = None
         self._error: BaseException | None = None
@@ -421,7 +445,7 @@ class _Upload:
         except BaseException as exc:  # handed to the download thread, which raises it
             self._error = exc
 
-    def _chunks(self, first: bytearray) -> Iterator[bytes | bytearray]:
+    def _chunks(self, first: bytearray) -> Iterator[_Chunk]:
         yield first
         while True:
             chunk = self._queue.get()
@@ -430,8 +454,40 @@ class _Upload:
             if chunk is None:
                 return
             yield chunk
+            if isinstance(chunk, memoryview):
+                self._taken.append(chunk)  # obstore took it before asking for the next one
 
-    def send(self, chunk: bytes | None) -> None:
+    def buffer(self) -> memoryview:
+        """A buffer for the next read: the last one if it was not kept, else one obstore
+        has let go of, else a new one."""
+        if self._lent is None:
+            self._lent = self._reclaim() or bytearray(READ_SIZE)
+        return memoryview(self._lent)
+
+    def _reclaim(self) -> bytearray | None:
+        taken = self._taken
+        for index in range(len(taken)):  # oldest first: parts mostly finish in order
+            chunk = taken[index]
+            base = chunk.obj
+            try:
+                chunk.release()  # BufferError while obstore still holds the chunk
+            except BufferError:
+                continue
+            del taken[index]
+            assert isinstance(base, bytearray)
+            return base
+        return None
+
+    def send(self, data: memoryview) -> None:
+        """Queue the bytes of a read: as they are if they fill a buffer this upload lent,
+        else a copy (a short read, or bytes from elsewhere)."""
+        if data.obj is self._lent and data.nbytes == READ_SIZE:
+            self._lent = None  # obstore's now; `buffer` lends another
+            self._put(data)
+        else:
+            self._put(bytes(data))
+
+    def _put(self, chunk: _Chunk | None) -> None:
         """Queue a chunk (None: the end), unless the upload already failed."""
         while True:
             if self._error is not None or not self._thread.is_alive():
@@ -444,7 +500,7 @@ class _Upload:
 
     def finish(self) -> str | None:
         """Complete the upload; its ETag."""
-        self.send(None)
+        self._put(None)
         self._thread.join()
         if self._error is not None:
             raise self._failure()

@@ -13,11 +13,14 @@ import gc
 import hashlib
 import json
 import os
+import pickle
 import re
 import socket
+import threading
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -37,7 +40,8 @@ from storage import (
     fetch,
     open_sink,
 )
-from storage.s3 import PROBE_KEY, S3Writer
+from storage.fetch import READ_SIZE
+from storage.s3 import PROBE_KEY, S3Writer, _Upload
 from tests.media_server import Cut, MediaServer, Serve, Unsized
 from tests.s3_server import SeaweedS3
 
@@ -161,6 +165,88 @@ def test_large_download_lands_as_a_multipart_object_with_sha256_and_sidecar(
     assert obstore.get(store, key + ".json").attributes["Content-Type"] == "application/json"
     assert s3.list_multipart_uploads(prefix=sink.prefix) == []
     assert len(media.hits("/big.mp4")) == 1
+
+
+def test_a_long_download_reuses_the_buffers_obstore_has_sent(
+    s3: SeaweedS3, sink: S3Sink, store: S3Store, media: MediaServer
+) -> None:
+    """Full reads go to obstore without a copy, and their buffers are lent again once their
+    part is sent: far fewer buffers than reads, and the object's bytes are intact."""
+    body = payload(BIG)
+    url = media.add("/reused.mp4", body)
+    writer = sink.open("videos/t1b/0")
+    lent: list[object] = []  # every buffer lent, kept alive so that identities stay distinct
+    lend = writer.buffer
+
+    def spy() -> memoryview:
+        view = lend()
+        lent.append(view.obj)
+        return view
+
+    writer.buffer = spy  # type: ignore[method-assign]
+    fetched = fetch(url, writer, policy=POLICY)
+    writer.commit("videos/t1b/0.mp4", {"sha256": fetched.sha256, "size": fetched.size})
+    streamed = [buffer for buffer in lent if buffer is not writer._scratch.obj]
+    distinct = len({id(buffer) for buffer in streamed})
+    # In obstore at most: the parts in flight, the part it fills, the chunk waiting for room;
+    # then the queue, and the read in progress.
+    most = (sink.options.upload_concurrency + 2) * PART // READ_SIZE + 4 + 2
+    assert len(streamed) > 30 and distinct <= most, (len(streamed), distinct)
+    assert sha256(bytes(obstore.get(store, f"{sink.prefix}videos/t1b/0.mp4").bytes())) == sha256(
+        body
+    )
+
+
+class _HoldingSink:
+    """Stands in for `S3Sink.upload`: takes every chunk through the buffer protocol, as obstore
+    does, and holds it until the test lets go of it."""
+
+    def __init__(self) -> None:
+        self.held: list[pickle.PickleBuffer] = []  # each holds a buffer export, as obstore does
+        self.pulled = threading.Semaphore(0)
+
+    def upload(self, key: str, chunks: Iterator[Any], content_type: str) -> str:
+        for chunk in chunks:
+            if isinstance(chunk, memoryview):
+                self.held.append(pickle.PickleBuffer(chunk))
+            self.pulled.release()
+        return '"etag"'
+
+    def error(self, problem: object, doing: str, key: str | None = None) -> SinkError:
+        return SinkError(str(key), f"{doing}: {problem}")
+
+
+def test_a_buffer_is_lent_again_only_once_the_upload_lets_go_of_it() -> None:
+    """While the upload holds a full chunk, its buffer is not lent for another read; once the
+    upload lets go of it, the next read goes into it. Short reads are copied."""
+    holder = _HoldingSink()
+    upload = _Upload(holder, "k", "video/mp4", bytearray(b"first part"))  # type: ignore[arg-type]
+    assert holder.pulled.acquire(timeout=5)
+
+    def send_full(fill: bytes) -> bytearray:
+        view = upload.buffer()
+        base = view.obj
+        assert isinstance(base, bytearray)
+        view[:] = fill * READ_SIZE
+        upload.send(view[:READ_SIZE])
+        assert holder.pulled.acquire(timeout=5)
+        return base
+
+    a = send_full(b"a")
+    b = send_full(b"b")  # obstore took `a` before asking for `b`, and holds both
+    c = send_full(b"c")
+    assert len({id(a), id(b), id(c)}) == 3
+    holder.held.pop(0).release()  # the upload lets go of `a`
+    d = send_full(b"d")
+    assert d is a
+    assert [bytes(held.raw()[:2]) for held in holder.held] == [b"bb", b"cc", b"dd"]
+
+    short = upload.buffer()
+    short[:3] = b"end"
+    upload.send(short[:3])  # a short read is copied: its buffer is lent again at once
+    assert holder.pulled.acquire(timeout=5)
+    assert upload.buffer().obj is short.obj
+    assert upload.finish() == '"etag"'
 
 
 def test_small_download_is_one_put_with_sha256_and_sidecar(
