@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     download_retry_base_seconds: float = Field(default=2.0, ge=0)
     download_not_found_tries: int = Field(default=5, ge=1)
     download_read_timeout: float = Field(default=60.0, gt=0)
+    storage_check_seconds: float = Field(default=15.0, gt=0)
     verify_callbacks: bool | None = None
     poll_after: float | None = Field(default=None, gt=0)
     poll_interval: float = Field(default=30.0, gt=0)

@@ -326,4 +326,5 @@ def downloader_for(
         ),
         concurrency=settings.download_concurrency if concurrency is None else concurrency,
         lease_seconds=settings.download_lease_seconds,
+        recheck_seconds=settings.storage_check_seconds,
     )

@@ -139,13 +139,15 @@ def test_disk_without_space_pauses_downloads_until_space_is_freed(
     services: Callable[..., Service], media: MediaServer, small_disk: Path
 ) -> None:
     """A real full disk (ENOSPC) mid-file: the file waits, queued, and downloads pause
-    (/readyz says why); once space is freed the sink's recheck (every 15 s) resumes it."""
+    (/readyz says why); once space is freed the storage check (STORAGE_CHECK_SECONDS) resumes
+    it, with no restart."""
     body = random.Random(28).randbytes(24 * MiB)
     url = media.add("/nospace/a.mp4", body)
     filler = small_disk / "filler"
     # 20 MiB free: above the 16 MiB the storage check wants, below the 24 MiB file.
     filler.write_bytes(bytes(shutil.disk_usage(small_disk).free - 20 * MiB))
-    service = services(env=ENV | {"STORAGE_URL": str(small_disk / "assets")})
+    env = {"STORAGE_URL": str(small_disk / "assets"), "STORAGE_CHECK_SECONDS": "1"}
+    service = services(env=ENV | env)
     task_dir = small_disk / "assets" / T2V / "nospace"
 
     deliver(service, "nospace", url)

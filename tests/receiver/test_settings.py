@@ -172,6 +172,7 @@ def test_bad_port_in_dotenv_names_port(tmp_path: Path) -> None:
         ("S3_PART_SIZE", str(5 * 1024**3 + 1)),
         ("S3_UPLOAD_CONCURRENCY", "0"),
         ("S3_ENDPOINT_URL", "minio.internal:9000"),
+        ("STORAGE_CHECK_SECONDS", "0"),
     ],
 )
 def test_bad_values_name_their_setting(
@@ -544,3 +545,10 @@ def test_sink_for_a_local_storage_url_is_a_local_sink(tmp_path: Path) -> None:
     sink = sink_for(settings)
     assert isinstance(sink, LocalSink)
     assert sink.root == tmp_path / "assets"
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    """Each setting's variable appears in the README, so a new one cannot go unexplained."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    undocumented = [name for name in SETTING_NAMES if f"`{name}`" not in readme]
+    assert undocumented == []
