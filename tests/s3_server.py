@@ -7,11 +7,14 @@ as a data script next to the interpreter (`.venv/bin/weed`), not as a console en
         store = S3Store(s3.bucket, **s3.obstore_config(), client_options={"allow_http": True})
 
 Everything binds to 127.0.0.1 on free ports, telemetry is off, and the S3 gateway takes
-one identity (`access_key`/`secret_key`) from an `-s3.config` file, so anonymous requests
-and wrong secrets are refused (403). `request()` signs raw S3 calls (SigV4, stdlib hmac +
-httpx) for what obstore does not expose, such as ListMultipartUploads. The process's own
-output and glog files stay in the work directory for failure messages; its data directory
-(and the gRPC sockets weed leaves in /tmp) are removed on stop.
+two identities from an `-s3.config` file: `access_key`/`secret_key` may do anything,
+`reader_key`/`reader_secret` may only read and list, so anonymous requests, wrong secrets
+and a reader's writes are refused (403). Buckets are not created on upload: one that was
+not made with `create_bucket()` answers NoSuchBucket, as on AWS. `request()` signs raw S3
+calls (SigV4, stdlib hmac + httpx) for what obstore does not expose, such as
+ListMultipartUploads. The process's own output and glog files stay in the work directory
+for failure messages; its data directory (and the gRPC sockets weed leaves in /tmp) are
+removed on stop.
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ class SeaweedS3:
         bucket: str = "kling-test",
         access_key: str = "kling-test-access",
         secret_key: str = "kling-test-secret-0123456789abcdef",
+        reader_key: str = "kling-test-reader",
+        reader_secret: str = "kling-test-reader-secret-0123456789",
         region: str = "us-east-1",
         start_timeout: float = 30.0,
         stop_timeout: float = 3.0,
@@ -117,6 +122,8 @@ class SeaweedS3:
         self.bucket = bucket
         self.access_key = access_key
         self.secret_key = secret_key
+        self.reader_key = reader_key
+        self.reader_secret = reader_secret
         self.region = region
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -152,12 +159,19 @@ class SeaweedS3:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.glog_dir.mkdir(exist_ok=True)
         config = self.workdir / "s3.json"
-        identity = {
-            "name": "kling-test",
-            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-        }
-        config.write_text(json.dumps({"identities": [identity]}))
+        identities = [
+            {
+                "name": "kling-test",
+                "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            },
+            {
+                "name": "kling-test-reader",
+                "credentials": [{"accessKey": self.reader_key, "secretKey": self.reader_secret}],
+                "actions": ["Read", "List"],
+            },
+        ]
+        config.write_text(json.dumps({"identities": identities}))
         began = time.monotonic()
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
@@ -185,6 +199,7 @@ class SeaweedS3:
             "ip.bind": "127.0.0.1",
             "master.telemetry": "false",
             "s3.config": config,
+            "s3.autoCreateBucket": "false",
             "s3.port.iceberg": 0,
             "s3.port.lance": 0,
             "s3.iam": "false",

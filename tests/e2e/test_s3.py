@@ -182,3 +182,35 @@ def test_forced_recheck_does_not_upload_again(
     assert (after["etag"], after["last-modified"]) == (before["etag"], before["last-modified"])
     assert s3_object(s3, key + ".json").content == sidecar
     assert json.loads(sidecar)["sha256"] == sha(body)
+
+
+def test_missing_bucket_waits_then_stores_once_created(
+    spawn: Callable[..., Service], media: MediaServer, s3: SeaweedS3
+) -> None:
+    """A bucket that does not exist: /readyz and the log name it, assets wait; once it is
+    created, they are stored without a restart."""
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    service = spawn(ready=False, STORAGE_URL=f"s3://{bucket}/e2e", STORAGE_CHECK_SECONDS="0.5")
+    wait_for(lambda: readyz(service).status_code == 503, "/readyz to report the storage")
+    reason = readyz(service).json()["reason"]
+    assert reason == (
+        f"bucket {bucket} does not exist at {s3.endpoint_url}: create it, or correct STORAGE_URL"
+    )
+    warnings = [e for e in service.log_entries() if e.get("message", "").startswith("storage")]
+    assert warnings and warnings[0]["reason"] == reason
+
+    body = random.Random(55).randbytes(7 * MiB)  # over S3_PART_SIZE: a multipart upload
+    deliver(service, "s3bucket", [media.add("/s3/bucket.mp4", body)])
+    time.sleep(1.0)  # two checks of the storage and twenty idle ticks of the workers
+    (waiting,) = service.task("s3bucket")["assets"]
+    assert (waiting["state"], waiting["attempts"]) == ("pending", 0)
+    assert media.hits("/s3/bucket.mp4") == []
+
+    s3.create_bucket(bucket)
+    wait_for(service.archived("s3bucket"), "the waiting asset to be stored", 30)
+    (stored,) = service.task("s3bucket")["assets"]
+    assert stored["location"] == f"s3://{bucket}/e2e/{T2V}/s3bucket/0.mp4"
+    object_ = s3.request("GET", f"{bucket}/e2e/{T2V}/s3bucket/0.mp4", timeout=30)
+    assert sha(object_.content) == sha(body) == stored["sha256"]
+    assert readyz(service).json() == {"status": "ready"}
+    assert service.stop(signal.SIGTERM) == 0

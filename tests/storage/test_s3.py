@@ -497,6 +497,47 @@ def test_wrong_credentials_make_the_sink_unavailable(
 
 
 @pytest.mark.parametrize("size", [MiB, 12 * MiB], ids=["one-put", "multipart"])
+def test_a_missing_bucket_is_named_and_not_created(
+    s3: SeaweedS3, media: MediaServer, size: int
+) -> None:
+    """A bucket that does not exist: check() and the download say so, and nothing creates it."""
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    missing = S3Sink(bucket, "p", s3_options(s3))
+    says = f"bucket {bucket} does not exist at {s3.endpoint_url}: create it, or correct STORAGE_URL"
+    assert missing.check() == says
+    with pytest.raises(SinkError) as caught:
+        download(missing, media.add(f"/missing-{size}.mp4", payload(size)), "videos/t18/0")
+    assert caught.value.unavailable and caught.value.retry
+    assert caught.value.reason == says
+    assert s3.request("HEAD", bucket).status_code == 404
+
+
+@pytest.mark.parametrize("size", [MiB, 12 * MiB], ids=["one-put", "multipart"])
+def test_read_only_credentials_are_told_which_permissions_they_lack(
+    s3: SeaweedS3, store: S3Store, media: MediaServer, size: int
+) -> None:
+    """Credentials the server knows but may not write with (AccessDenied): check() and the
+    download name the permissions needed; nothing is stored and no upload is left open."""
+    prefix = f"tests/{uuid.uuid4().hex}"
+    reader = S3Sink(
+        s3.bucket,
+        prefix,
+        s3_options(s3, access_key_id=s3.reader_key, secret_access_key=s3.reader_secret),
+    )
+    needs = (
+        f"(AccessDenied): they need s3:PutObject and s3:GetObject on s3://{s3.bucket}/{prefix}/*"
+    )
+    reason = reader.check()
+    assert reason is not None and reason.endswith(needs), reason
+    with pytest.raises(SinkError) as caught:
+        download(reader, media.add(f"/denied-{size}.mp4", payload(size)), "videos/t19/0")
+    assert caught.value.unavailable and caught.value.retry
+    assert caught.value.reason.endswith(needs), caught.value.reason
+    assert s3.list_multipart_uploads(prefix=prefix) == []
+    assert_absent(store, f"{prefix}/videos/t19/0.mp4")
+
+
+@pytest.mark.parametrize("size", [MiB, 12 * MiB], ids=["one-put", "multipart"])
 def test_credentials_revoked_mid_download_make_the_sink_unavailable(
     s3: SeaweedS3,
     sink: S3Sink,
