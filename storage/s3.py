@@ -340,9 +340,8 @@ class S3Writer:
 
     def buffer(self) -> memoryview:
         """Where the next read goes: while the upload streams, a buffer obstore may keep."""
-        if self._upload is not None:
-            return self._upload.buffer()
-        return self._scratch
+        lent = self._upload.lend() if self._upload is not None else None
+        return self._scratch if lent is None else lent
 
     def write(self, data: memoryview) -> None:
         self._size += len(data)
@@ -418,9 +417,12 @@ _Chunk = bytes | bytearray | memoryview
 class _Upload:
     """A multipart upload in a thread of its own, fed chunk by chunk by the download thread.
 
-    Full buffers it lent go to obstore without a copy. obstore takes each chunk through
-    the buffer protocol and lets go of it once its part is sent; until then the chunk's
-    memoryview refuses `release()`, which is how `_reclaim` knows a buffer is free again.
+    Full buffers it lent go to obstore without a copy. obstore (0.12: pyo3-bytes) takes
+    each chunk through the buffer protocol, holds that export until its part is sent, and
+    reads the bytes only through it; until then the chunk's memoryview refuses
+    `release()`, which is how `_reclaim` knows a buffer is free again. Should obstore hold
+    more chunks than its parts in flight explain, reads are copied again rather than
+    lent: memory and the search for a free buffer stay bounded.
     """
 
     def __init__(self, sink: S3Sink, key: str, content_type: str, first: bytearray) -> None:
@@ -428,6 +430,12 @@ class _Upload:
         self._key = key
         self._queue: queue.Queue[_Chunk | None] = queue.Queue(maxsize=_QUEUED_CHUNKS)
         self._lent: bytearray | None = None  # the buffer of the read in progress
+        # What obstore may hold at once: the parts in flight and the one it fills (a part
+        # touches at most one read more than it spans, as parts need not start where reads
+        # do), and one part more for slack.
+        options = sink.options
+        per_part = -(-options.part_size // READ_SIZE) + 1
+        self._most_taken = (options.upload_concurrency + 2) * per_part
         # Chunks obstore has taken, oldest first; appended by the upload thread, reclaimed
         # by the download thread (single deque operations are atomic).
         self._taken: collections.deque[memoryview] = collections.deque()
@@ -457,12 +465,15 @@ class _Upload:
             if isinstance(chunk, memoryview):
                 self._taken.append(chunk)  # obstore took it before asking for the next one
 
-    def buffer(self) -> memoryview:
+    def lend(self) -> memoryview | None:
         """A buffer for the next read: the last one if it was not kept, else one obstore
-        has let go of, else a new one."""
+        has let go of, else a new one; None (read elsewhere, and copy) while obstore holds
+        as many as it may."""
         if self._lent is None:
-            self._lent = self._reclaim() or bytearray(READ_SIZE)
-        return memoryview(self._lent)
+            self._lent = self._reclaim()
+            if self._lent is None and len(self._taken) < self._most_taken:
+                self._lent = bytearray(READ_SIZE)
+        return None if self._lent is None else memoryview(self._lent)
 
     def _reclaim(self) -> bytearray | None:
         taken = self._taken
@@ -482,7 +493,7 @@ class _Upload:
         """Queue the bytes of a read: as they are if they fill a buffer this upload lent,
         else a copy (a short read, or bytes from elsewhere)."""
         if data.obj is self._lent and data.nbytes == READ_SIZE:
-            self._lent = None  # obstore's now; `buffer` lends another
+            self._lent = None  # obstore's now; `lend` lends another
             self._put(data)
         else:
             self._put(bytes(data))
