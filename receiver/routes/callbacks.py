@@ -232,40 +232,32 @@ def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
 
+_DELIVERY_ROUTES = (
+    Route(tokens.CALLBACK_PREFIX + "/{ref}/{sig}/{action}/{action2}", receive, methods=["POST"]),
+    Route(tokens.CALLBACK_PREFIX + "/{ref}/{sig}", receive, methods=["POST"]),
+)
 _PREFIX = tokens.CALLBACK_PREFIX + "/"
 
 
 def direct(scope: Scope) -> Callable[[Request], Awaitable[Response]] | None:
     """The endpoint for a POST to a callback URL, found without walking the router.
 
-    It matches exactly what the first two `routes` match (path segments are `[^/]+`),
-    setting the path parameters as they would; anything else returns None and goes
-    the usual way, through the router.
+    Only the delivery routes are tried, with their own patterns, so it takes exactly what
+    they match and sets the same path parameters (plain strings); anything else returns
+    None and goes the usual way, through the router.
     """
     if scope["method"] != "POST" or scope.get("root_path"):
         return None
     path: str = scope["path"]
     if not path.startswith(_PREFIX):
         return None
-    parts = path[len(_PREFIX) :].split("/")
-    if len(parts) == 2:
-        ref, sig = parts
-        if not (ref and sig):
-            return None
-        scope["path_params"] = {"ref": ref, "sig": sig}
-    elif len(parts) == 4:
-        ref, sig, action, action2 = parts
-        if not (ref and sig and action and action2):
-            return None
-        scope["path_params"] = {"ref": ref, "sig": sig, "action": action, "action2": action2}
-    else:
-        return None
-    scope["endpoint"] = receive
-    return receive
+    for route in _DELIVERY_ROUTES:
+        match = route.path_regex.match(path)
+        if match is not None:
+            scope["path_params"] = match.groupdict()
+            scope["endpoint"] = receive
+            return receive
+    return None
 
 
-routes = [
-    Route(tokens.CALLBACK_PREFIX + "/{ref}/{sig}/{action}/{action2}", receive, methods=["POST"]),
-    Route(tokens.CALLBACK_PREFIX + "/{ref}/{sig}", receive, methods=["POST"]),
-    Route("/callbacks/{rest:path}", unknown, methods=["POST"]),
-]
+routes = [*_DELIVERY_ROUTES, Route("/callbacks/{rest:path}", unknown, methods=["POST"])]

@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook
+from starlette.routing import Match
 from starlette.testclient import TestClient
 
 from receiver import tokens
 from receiver.app import create_app
+from receiver.routes import callbacks
 from receiver.settings import Settings, load_settings
 from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, assert_error, fixture_bytes, fixture_json
 
@@ -604,6 +608,28 @@ def test_callback_paths_the_routes_do_not_match_are_unknown(
     response = client.post(url_for(tokens.task_ref("A")) + suffix, content=task_body())
     assert_error(response, 404, "unknown_callback_url")
     assert_nothing_recorded(client)
+
+
+@given(st.lists(st.sampled_from(["", "a", "b9", "%2F", "é", "x-y.z"]), max_size=6))
+def test_the_direct_path_takes_exactly_what_the_delivery_routes_match(
+    segments: list[str],
+) -> None:
+    """For any path under the callback prefix, `direct` finds the endpoint exactly when a
+    delivery route matches it fully, with the same path parameters."""
+    path = "/".join([tokens.CALLBACK_PREFIX, *segments])
+    scope: dict[str, Any] = {"type": "http", "method": "POST", "path": path, "root_path": ""}
+    routed = None
+    for route in callbacks.routes:
+        match, child = route.matches(dict(scope))
+        if match is Match.FULL:
+            routed = child
+            break
+    endpoint = callbacks.direct(scope)
+    if endpoint is None:
+        assert routed is None or routed["endpoint"] is not callbacks.receive
+    else:
+        assert routed is not None and routed["endpoint"] is endpoint
+        assert scope["path_params"] == routed["path_params"]
 
 
 def test_a_body_sent_in_chunks_is_read_whole(client: TestClient) -> None:
