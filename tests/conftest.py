@@ -7,23 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from receiver.settings import Settings, load_settings
+from receiver.settings import Settings
 from tests.fake_kling import FakeKling, fake_kling
 from tests.media_server import MediaServer, media_server
 from tests.s3_server import SeaweedS3
-from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, KLING_API_KEY, Service
+from tests.support import KLING_API_KEY, Service, app_settings
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Settings for an in-process app with its data under tmp_path, download workers off."""
-    return load_settings(
-        _env_file=None,
-        data_dir=tmp_path / "data",
-        download_concurrency=0,
-        callback_secret=CALLBACK_SECRET,
-        admin_token=ADMIN_TOKEN,
-    )
+    return app_settings(tmp_path)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from receiver import tokens
+from receiver.settings import Settings, load_settings
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "kling"
 CALLBACK_SECRET = "test-callback-secret-0123456789abcdef"
@@ -32,6 +33,18 @@ def fixture_bytes(name: str) -> bytes:
 def fixture_json(name: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(fixture_bytes(name))
     return data
+
+
+def app_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for an in-process app: its data under tmp_path, download workers off, the
+    test secrets, no `.env`; `overrides` (settings by field name) win."""
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "download_concurrency": 0,
+        "callback_secret": CALLBACK_SECRET,
+        "admin_token": ADMIN_TOKEN,
+    }
+    return load_settings(_env_file=None, **(values | overrides))
 
 
 def free_port() -> int:

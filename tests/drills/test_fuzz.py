@@ -32,8 +32,7 @@ from starlette.testclient import TestClient
 from receiver import tokens
 from receiver.app import create_app
 from receiver.models import ACTION_PATTERN, TASK_ID_PATTERN
-from receiver.settings import Settings, load_settings
-from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, Service, fixture_json
+from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, Service, app_settings, fixture_json
 
 MAX_CALLBACK_BYTES = 1024 * 1024  # the default MAX_CALLBACK_BYTES
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"fuzz-webhook-secret-0123456789ab").decode()
@@ -336,11 +335,11 @@ def test_fuzzed_callbacks_in_process(tmp_path: Path, signatures: bool, objects: 
     every type and value, each with an id and URL of its own so that it reaches the ledger.
     """
     options: dict[str, Any] = {"kling_webhook_secret": WEBHOOK_SECRET} if signatures else {}
-    app_settings = _settings(tmp_path, **options)
+    configured = app_settings(tmp_path, **options)
     webhook = Webhook(WEBHOOK_SECRET)
     with (
         # An exception in the app is raised here, so that Hypothesis tells bugs apart by it.
-        TestClient(create_app(app_settings)) as client,
+        TestClient(create_app(configured)) as client,
         ledger_counts(tmp_path / "data" / "kling-receiver.db") as counts,
     ):
         numbers = itertools.count()
@@ -386,8 +385,8 @@ FOUND = {
 @pytest.mark.parametrize("body", FOUND.values(), ids=FOUND.keys())
 def test_fuzz_findings_are_not_server_errors(tmp_path: Path, body: bytes) -> None:
     """What the fuzzer found, kept as plain examples: a 4xx that says why, nothing recorded."""
-    app_settings = _settings(tmp_path)
-    with TestClient(create_app(app_settings), raise_server_exceptions=False) as client:
+    configured = app_settings(tmp_path)
+    with TestClient(create_app(configured), raise_server_exceptions=False) as client:
         url = tokens.callback_path(CALLBACK_SECRET, tokens.new_channel_ref(), "videos/text2video")
         response = client.post(url, content=body, headers={"content-type": "application/json"})
         assert 400 <= response.status_code < 500, response.text
@@ -485,15 +484,3 @@ def test_malformed_http_to_the_real_process(services: Callable[..., Service]) ->
         assert counts()[0] == before[0] + 1
     errors = logged_errors(service)
     assert not errors, "the service logged errors:\n" + "\n".join(errors)
-
-
-def _settings(tmp_path: Path, **options: Any) -> Settings:
-    """The in-process app's settings: a fresh data directory, no downloads, known secrets."""
-    return load_settings(
-        _env_file=None,
-        data_dir=tmp_path / "data",
-        download_concurrency=0,
-        callback_secret=CALLBACK_SECRET,
-        admin_token=ADMIN_TOKEN,
-        **options,
-    )

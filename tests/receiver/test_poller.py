@@ -15,9 +15,14 @@ from receiver.kling import KlingClient, client_for
 from receiver.ledger import Ledger, Outcome, Update, open_ledger
 from receiver.models import CallbackRef, Source, TaskStatus, parse_task
 from receiver.poller import Poller
-from receiver.settings import Settings, load_settings
+from receiver.settings import Settings
 from tests.fake_kling import FakeKling, result
-from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, KLING_API_KEY, fixture_json, free_port
+from tests.support import (
+    KLING_API_KEY,
+    app_settings,
+    fixture_json,
+    free_port,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -31,13 +36,9 @@ def anyio_backend() -> str:
 
 
 def poll_settings(tmp_path: Path, base: str, **overrides: Any) -> Settings:
-    return load_settings(
+    return app_settings(
+        tmp_path,
         **{
-            "_env_file": None,
-            "data_dir": tmp_path / "data",
-            "download_concurrency": 0,
-            "callback_secret": CALLBACK_SECRET,
-            "admin_token": ADMIN_TOKEN,
             "kling_api_base": base,
             "kling_api_key": KLING_API_KEY,
             "kling_retry_base_seconds": 0.01,
@@ -46,7 +47,7 @@ def poll_settings(tmp_path: Path, base: str, **overrides: Any) -> Settings:
             "poll_max_interval": 1,
             "submit_reconcile_after": 0.01,
         }
-        | overrides
+        | overrides,
     )
 
 

@@ -12,10 +12,16 @@ from starlette.testclient import TestClient
 
 from receiver import tokens
 from receiver.app import create_app
-from receiver.settings import Settings, load_settings
+from receiver.settings import Settings
 from receiver.submit import MAX_PROMPT, SubmitError, check_params
 from tests.fake_kling import FakeKling
-from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, KLING_API_KEY, fixture_json, free_port
+from tests.support import (
+    ADMIN_TOKEN,
+    KLING_API_KEY,
+    app_settings,
+    fixture_json,
+    free_port,
+)
 
 T2V = "videos/text2video"
 LIP_SYNC = "videos/lip-sync"
@@ -27,15 +33,8 @@ App = Callable[..., TestClient]
 
 def kling_settings(tmp_path: Path, base: str) -> Settings:
     """The test settings, with Kling credentials for the API at `base` and instant retries."""
-    return load_settings(
-        _env_file=None,
-        data_dir=tmp_path / "data",
-        download_concurrency=0,
-        callback_secret=CALLBACK_SECRET,
-        admin_token=ADMIN_TOKEN,
-        kling_api_base=base,
-        kling_api_key=KLING_API_KEY,
-        kling_retry_base_seconds=0.01,
+    return app_settings(
+        tmp_path, kling_api_base=base, kling_api_key=KLING_API_KEY, kling_retry_base_seconds=0.01
     )
 
 
