@@ -77,6 +77,26 @@ def readyz(service: Service) -> httpx.Response:
     return httpx.get(service.base_url + "/readyz", trust_env=False)
 
 
+def storage_problem(service: Service) -> str:
+    """The reason /readyz gives once it reports the storage, checked to be what the log said."""
+    wait_for(lambda: readyz(service).status_code == 503, "/readyz to report the storage")
+    reason: str = readyz(service).json()["reason"]
+    warnings = [e for e in service.log_entries() if e.get("message", "").startswith("storage")]
+    assert warnings and warnings[0]["reason"] == reason
+    return reason
+
+
+def deliver_and_see_it_wait(
+    service: Service, media: MediaServer, task_id: str, path: str, body: bytes
+) -> None:
+    """Deliver a task with one video; a second later it is still queued, never fetched."""
+    deliver(service, task_id, [media.add(path, body)])
+    time.sleep(1.0)  # twenty idle ticks of the workers, had they been claiming
+    (waiting,) = service.task(task_id)["assets"]
+    assert (waiting["state"], waiting["attempts"]) == ("pending", 0)
+    assert media.hits(path) == []
+
+
 def test_task_lands_in_the_bucket_and_is_archived(
     spawn: Callable[..., Service], media: MediaServer, s3: SeaweedS3, prefix: str
 ) -> None:
@@ -131,18 +151,11 @@ def test_wrong_credentials_wait_then_store_once_fixed(
 ) -> None:
     """Wrong credentials: /readyz and the log say what to fix, assets wait; fixed, they store."""
     service = spawn(ready=False, AWS_SECRET_ACCESS_KEY="not-the-secret")
-    wait_for(lambda: readyz(service).status_code == 503, "/readyz to report the storage")
-    reason = readyz(service).json()["reason"]
+    reason = storage_problem(service)
     assert "refused the credentials" in reason and "AWS_SECRET_ACCESS_KEY" in reason
-    warnings = [e for e in service.log_entries() if e.get("message", "").startswith("storage")]
-    assert warnings and warnings[0]["reason"] == reason
 
     body = random.Random(53).randbytes(200_000)
-    deliver(service, "s3wait", [media.add("/s3/wait.mp4", body)])
-    time.sleep(1.0)  # twenty idle ticks of the workers, had they been claiming
-    (waiting,) = service.task("s3wait")["assets"]
-    assert (waiting["state"], waiting["attempts"]) == ("pending", 0)
-    assert media.hits("/s3/wait.mp4") == []
+    deliver_and_see_it_wait(service, media, "s3wait", "/s3/wait.mp4", body)
 
     service.extra_env["AWS_SECRET_ACCESS_KEY"] = s3.secret_key
     service.restart()
@@ -191,20 +204,12 @@ def test_missing_bucket_waits_then_stores_once_created(
     created, they are stored without a restart."""
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     service = spawn(ready=False, STORAGE_URL=f"s3://{bucket}/e2e", STORAGE_CHECK_SECONDS="0.5")
-    wait_for(lambda: readyz(service).status_code == 503, "/readyz to report the storage")
-    reason = readyz(service).json()["reason"]
-    assert reason == (
+    assert storage_problem(service) == (
         f"bucket {bucket} does not exist at {s3.endpoint_url}: create it, or correct STORAGE_URL"
     )
-    warnings = [e for e in service.log_entries() if e.get("message", "").startswith("storage")]
-    assert warnings and warnings[0]["reason"] == reason
 
     body = random.Random(55).randbytes(7 * MiB)  # over S3_PART_SIZE: a multipart upload
-    deliver(service, "s3bucket", [media.add("/s3/bucket.mp4", body)])
-    time.sleep(1.0)  # two checks of the storage and twenty idle ticks of the workers
-    (waiting,) = service.task("s3bucket")["assets"]
-    assert (waiting["state"], waiting["attempts"]) == ("pending", 0)
-    assert media.hits("/s3/bucket.mp4") == []
+    deliver_and_see_it_wait(service, media, "s3bucket", "/s3/bucket.mp4", body)
 
     s3.create_bucket(bucket)
     wait_for(service.archived("s3bucket"), "the waiting asset to be stored", 30)
