@@ -683,7 +683,8 @@ async def test_pool_waits_while_the_storage_cannot_take_files(
     body = payload(50_000)
     await queue(ledger, "tgate", [media.add("/gate.mp4", body)])
     sink = FlakySink(Path(settings.storage_url))
-    downloader = dataclasses.replace(pool(settings, ledger), sink=sink, recheck_seconds=0.05)
+    # STORAGE_CHECK_SECONDS: the pool checks again every 0.05 s while the storage is away.
+    downloader = dataclasses.replace(pool(settings, ledger, storage_check_seconds=0.05), sink=sink)
     running = asyncio.create_task(downloader.run())
     try:
         await until(_true_when(lambda: sink.checks >= 3))
