@@ -19,14 +19,14 @@ import httpx
 from receiver import tokens
 from receiver.settings import Settings, load_settings
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "kling"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "kling"
 CALLBACK_SECRET = "test-callback-secret-0123456789abcdef"
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 KLING_API_KEY = "test-kling-api-key-0123456789"
 
 
 def fixture_bytes(name: str) -> bytes:
-    """A sample payload from shared/fixtures/kling, as the bytes Kling would send."""
+    """A sample payload from tests/fixtures/kling, as the bytes Kling would send."""
     return (FIXTURES / name).read_bytes()
 
 

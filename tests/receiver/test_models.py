@@ -35,7 +35,7 @@ def refusal(data: Any) -> str:
 
 
 def test_fixtures_are_present() -> None:
-    """The shared callback samples are where the suite looks for them."""
+    """The callback samples are inside the repository, where the suite looks for them."""
     assert len(CALLBACKS) >= 8
 
 
