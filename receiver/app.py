@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import h11
-from standardwebhooks.webhooks import Webhook
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -25,6 +24,7 @@ from receiver.routes import api, callbacks, files
 from receiver.routes._responses import error, http_error
 from receiver.settings import Settings
 from receiver.stats import Stats
+from receiver.webhooks import WebhookKey
 from receiver.workers import downloader_for, sink_for
 
 __all__ = ["create_app"]
@@ -167,5 +167,5 @@ def create_app(settings: Settings) -> Starlette:
     app.state.settings = settings
     app.state.stats = Stats()
     secret = settings.kling_webhook_secret
-    app.state.webhook = Webhook(secret.get_secret_value()) if secret else None
+    app.state.webhook = WebhookKey(secret.get_secret_value()) if secret else None
     return app

@@ -7,8 +7,6 @@ the data directory (generating them on the first start).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import fcntl
 import json
 import os
@@ -26,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from receiver.webhooks import decode_secret
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
@@ -101,14 +101,7 @@ class Settings(BaseSettings):
     def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
             return None
-        raw = value.get_secret_value().removeprefix("whsec_")
-        try:
-            # Pad to a whole number of quanta: a padded secret plus "==" would be refused.
-            decoded = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            decoded = b""
-        if not decoded:
-            raise ValueError("must be the whsec_... secret from Kling (base64 after the prefix)")
+        decode_secret(value.get_secret_value())
         return value
 
     @field_validator("log_level")

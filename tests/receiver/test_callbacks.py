@@ -194,7 +194,7 @@ def test_signature_made_with_another_secret_is_refused(signed_client: TestClient
     other = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     body = task_body()
     response = signed_client.post(url_for(), content=body, headers=signature_headers(other, body))
-    assert_error(response, 401, "bad_signature", "No matching signature")
+    assert_error(response, 401, "bad_signature", "no v1 signature matches")
     assert_nothing_recorded(signed_client)
 
 
@@ -204,7 +204,7 @@ def test_signature_of_another_body_is_refused(
     """A body changed after signing is refused."""
     headers = signature_headers(webhook_secret, task_body(status="processing"))
     response = signed_client.post(url_for(), content=task_body(status="succeed"), headers=headers)
-    assert_error(response, 401, "bad_signature", "No matching signature")
+    assert_error(response, 401, "bad_signature", "no v1 signature matches")
     assert_nothing_recorded(signed_client)
 
 
@@ -237,11 +237,13 @@ def test_missing_signature_headers_are_refused(
     headers = signature_headers(webhook_secret, body)
     kept = {name: value for name, value in headers.items() if missing and name not in missing}
     response = signed_client.post(url_for(), content=body, headers=kept)
-    assert_error(response, 401, "bad_signature", "Missing required headers")
+    assert_error(response, 401, "bad_signature", *(missing or headers), "missing")
     assert_nothing_recorded(signed_client)
 
 
-@pytest.mark.parametrize("signature", ["v1", "garbage", "v1,a,b"])
+@pytest.mark.parametrize(
+    "signature", ["v1", "garbage", "v1,a,b", "v1,c2lnbmF0dXJl", ",abc", "v1,!!!!"]
+)
 def test_malformed_signature_header_is_refused_in_words(
     signed_client: TestClient, signature: str
 ) -> None:
