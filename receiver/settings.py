@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from receiver.webhooks import decode_secret
+from receiver.webhooks import decode_secrets
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
@@ -99,9 +99,10 @@ class Settings(BaseSettings):
     @field_validator("kling_webhook_secret")
     @classmethod
     def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        """Every secret of a rotation must decode now, not at the first signed delivery."""
         if value is None or not value.get_secret_value():
             return None
-        decode_secret(value.get_secret_value())
+        decode_secrets(value.get_secret_value())
         return value
 
     @field_validator("log_level")

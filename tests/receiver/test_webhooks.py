@@ -1,17 +1,32 @@
-"""Standard Webhooks signatures: Kling's test vector, the reference library, and refusals."""
+"""Standard Webhooks signatures: Kling's test vector, the reference library, refusals, and
+several secrets at once while one is rolled."""
 
 from __future__ import annotations
 
 import base64
+import json
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook
+from starlette.testclient import TestClient
 
-from receiver.webhooks import TOLERANCE_SECONDS, SignatureError, WebhookKey, decode_secret
+from receiver import tokens
+from receiver.app import create_app
+from receiver.settings import ConfigError
+from receiver.webhooks import (
+    TOLERANCE_SECONDS,
+    SignatureError,
+    WebhookKey,
+    decode_secret,
+    split_secrets,
+)
+from tests.support import CALLBACK_SECRET, app_settings
 
 # The test vector of Kling's callback-signature documentation.
 DOC_SECRET = "whsec_dGVzdHNlY3JldHRlc3RzZWNyZXR0ZXN0c2VjcmV0MTI="
@@ -141,3 +156,168 @@ def test_secrets_without_a_key_are_refused(secret: str) -> None:
 def test_unpadded_secret_is_the_same_key() -> None:
     """A secret copied without its `=` padding is the same key."""
     assert decode_secret(DOC_SECRET.rstrip("=")) == decode_secret(DOC_SECRET)
+
+
+# -- several secrets: rolling KLING_WEBHOOK_SECRET ------------------------------------------
+
+
+def verifies(secrets: str, signature: str, body: bytes = DOC_BODY) -> bool:
+    """Whether a delivery of the documented id and timestamp verifies under `secrets`."""
+    try:
+        WebhookKey(secrets).verify(headers(signature), body, now=DOC_TIMESTAMP)
+    except SignatureError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "{doc},{other}",
+        "{other},{doc}",
+        "{doc} {other}",
+        "{other} {doc}",
+        "{other}, {doc}",
+        " {other}\t{doc}\n",
+    ],
+)
+def test_documented_test_vector_verifies_as_either_of_two_secrets(setting: str) -> None:
+    """Kling's example verifies whether its secret is the newer or the older of two, whichever
+    separator is used."""
+    assert verifies(setting.format(doc=DOC_SECRET, other=new_secret()), DOC_SIGNATURE)
+
+
+@pytest.mark.parametrize("separator", [",", " "])
+def test_old_secret_verifies_until_it_is_dropped(separator: str) -> None:
+    """A delivery signed with the old secret verifies while both are set, and not after."""
+    new, old = new_secret(), new_secret()
+    signed_old = WebhookKey(old).sign(DOC_ID, DOC_TIMESTAMP, DOC_BODY)
+    assert verifies(f"{new}{separator}{old}", signed_old)
+    assert not verifies(new, signed_old)
+    with pytest.raises(SignatureError, match=r"no v1 signature matches .*KLING_WEBHOOK_SECRET"):
+        WebhookKey(new).verify(headers(signed_old), DOC_BODY, now=DOC_TIMESTAMP)
+
+
+def test_the_newest_secret_signs() -> None:
+    """With several secrets set, what we sign is signed with the first (newest) one."""
+    other = new_secret()
+    assert WebhookKey(f"{DOC_SECRET} {other}").sign(DOC_ID, DOC_TIMESTAMP, DOC_BODY) == (
+        DOC_SIGNATURE
+    )
+    assert WebhookKey(f"{other},{DOC_SECRET}").sign(DOC_ID, DOC_TIMESTAMP, DOC_BODY) == (
+        WebhookKey(other).sign(DOC_ID, DOC_TIMESTAMP, DOC_BODY)
+    )
+
+
+@pytest.mark.parametrize(
+    "configured", [("old",), ("new",), ("old", " ", "new"), ("new", ",", "old")]
+)
+def test_both_signatures_of_klings_buffer_verify_under_either_secret(
+    configured: tuple[str, ...],
+) -> None:
+    """During Kling's 7-day buffer the header carries old and new signatures; either secret of
+    ours, or both, accepts it, while a changed body still matches neither."""
+    old = new_secret()
+    names = {"old": old, "new": DOC_SECRET}
+    secrets = "".join(names.get(part, part) for part in configured)
+    signature = f"{WebhookKey(old).sign(DOC_ID, DOC_TIMESTAMP, DOC_BODY)} {DOC_SIGNATURE}"
+    assert verifies(secrets, signature)
+    assert not verifies(secrets, signature, body=DOC_BODY + b" ")
+
+
+def test_a_malformed_entry_is_named_beside_a_match_under_several_secrets() -> None:
+    """Several secrets change nothing about malformed headers: they are refused in words."""
+    with pytest.raises(SignatureError, match=r"v1,<base64>"):
+        WebhookKey(f"{new_secret()} {DOC_SECRET}").verify(
+            headers(f"{DOC_SIGNATURE} v1,!!!!"), DOC_BODY, now=DOC_TIMESTAMP
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a", ["a"]),
+        ("a,b", ["a", "b"]),
+        ("a b", ["a", "b"]),
+        ("  a ,\tb  c\n", ["a", "b", "c"]),
+    ],
+)
+def test_spaces_and_commas_separate_secrets(text: str, expected: list[str]) -> None:
+    """Spaces and commas, alone or together, separate secrets and are not part of them."""
+    assert split_secrets(text) == expected
+
+
+@pytest.mark.parametrize("text", ["a,,b", "a,", ",a", "a, ,b", " "])
+def test_an_empty_place_is_refused(text: str) -> None:
+    """Two commas in a row, a comma at either end, or nothing but spaces is refused."""
+    with pytest.raises(ValueError, match="whsec_"):
+        split_secrets(text)
+
+
+def config_error(tmp_path: Path, setting: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        app_settings(tmp_path, kling_webhook_secret=setting)
+    message = str(caught.value)
+    assert message.startswith("invalid configuration: KLING_WEBHOOK_SECRET: ")
+    return message
+
+
+def assert_not_shown(message: str, *secrets: str) -> None:
+    for secret in secrets:
+        assert secret not in message
+        assert secret.removeprefix("whsec_")[:10] not in message
+
+
+@pytest.mark.parametrize("setting", ["{a},,{b}", "{a},", ",{a} {b}"])
+def test_empty_secret_in_the_setting_is_a_config_error(tmp_path: Path, setting: str) -> None:
+    """An empty place in KLING_WEBHOOK_SECRET stops the start, saying where, not what."""
+    a, b = new_secret(), new_secret()
+    message = config_error(tmp_path, setting.format(a=a, b=b))
+    assert "is empty" in message
+    assert_not_shown(message, a, b)
+
+
+def test_bad_secret_in_the_setting_is_named_by_position(tmp_path: Path) -> None:
+    """A secret that does not decode stops the start, named by its position, never shown."""
+    good, bad = new_secret(), "whsec_leak!webhook!0123456789"
+    message = config_error(tmp_path, f"{good} {bad},{new_secret()}")
+    assert "secret 2 of 3 must be the whsec_... secret from Kling" in message
+    assert_not_shown(message, good, bad)
+
+
+@pytest.mark.parametrize(
+    "twice",
+    [
+        lambda secret: secret,
+        lambda secret: secret.removeprefix("whsec_"),
+        lambda secret: secret.rstrip("="),
+    ],
+    ids=["same-text", "without-prefix", "without-padding"],
+)
+def test_the_same_secret_twice_is_a_config_error(
+    tmp_path: Path, twice: Callable[[str], str]
+) -> None:
+    """The same key listed twice, however written, stops the start as a likely slip."""
+    first, second = new_secret(), new_secret()
+    message = config_error(tmp_path, f"{first} {second},{twice(first)}")
+    assert "secrets 1 and 3 are the same key" in message
+    assert_not_shown(message, first, second)
+
+
+def test_app_accepts_a_callback_signed_with_the_old_secret(tmp_path: Path) -> None:
+    """Through the real app, with KLING_WEBHOOK_SECRET="new old", a callback signed with the
+    old secret is recorded, and one signed with neither is refused."""
+    new, old, stranger = new_secret(), new_secret(), new_secret()
+    settings = app_settings(tmp_path, kling_webhook_secret=f"{new} {old}")
+    body = json.dumps({"task_id": "867283741759111202", "task_status": "submitted"}).encode()
+    with TestClient(create_app(settings)) as client:
+        for secret, status in [(old, 200), (stranger, 401)]:
+            now = datetime.now(UTC)
+            signed = {
+                "webhook-id": "msg_rotation",
+                "webhook-timestamp": str(int(now.timestamp())),
+                "webhook-signature": Webhook(secret).sign("msg_rotation", now, body.decode()),
+            }
+            url = tokens.callback_path(CALLBACK_SECRET, tokens.new_channel_ref(), None)
+            response = client.post(url, content=body, headers=signed)
+            assert response.status_code == status, response.text
