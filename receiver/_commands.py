@@ -27,7 +27,9 @@ __all__ = ["add_task_commands"]
 
 def add_task_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     send = commands.add_parser("submit", help="submit a Kling task with its own callback URL")
-    send.add_argument("action", help="action/action2, e.g. videos/text2video")
+    send.add_argument(
+        "action", help="videos/text2video (old standard) or text-to-video/kling-2.6 (current)"
+    )
     send.add_argument(
         "--param",
         action="append",
@@ -124,6 +126,7 @@ def _track(settings: Settings, args: argparse.Namespace) -> int:
                     reply.data,
                     Source.track,
                     args.action,
+                    archive_watermarked=settings.archive_watermarked,
                     poll_after=poll_after(settings, args.action),
                 )
             )
@@ -195,5 +198,6 @@ def _details(task: TaskRecord) -> str:
     for asset in task.assets:
         where = asset.location or asset.url
         note = f"  ({asset.error})" if asset.error else ""
-        lines.append(f"  {asset.kind} {asset.index}: {asset.state}  {where}{note}")
+        name = f"{asset.kind} {asset.index}" + (f" {asset.variant}" if asset.variant else "")
+        lines.append(f"  {name}: {asset.state}  {where}{note}")
     return "\n".join(lines)

@@ -134,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
         "callback-url", help="print a callback URL for a task submitted by hand"
     )
     url.add_argument(
-        "--action", help="the task's action/action2, e.g. videos/text2video, so it can be queried"
+        "--action",
+        help="the task's action (videos/text2video, text-to-video/kling-2.6), so it can be queried",
     )
     url.add_argument(
         "--external-task-id",

@@ -1,9 +1,12 @@
-"""The Kling HTTP client: create and query tasks of any `action/action2`, auth, error mapping.
+"""The Kling HTTP client: create, query and list tasks of either API standard.
 
 Works against Kling's own API and against aggregators: `KLING_API_BASE` may
-carry a path prefix (`https://host/kling`), and paths are `v1/{action}[/{id}]`
-under it. Auth is an API key sent as Bearer, or an access/secret key pair
-turned into a short-lived HS256 JWT (refreshed before it expires).
+carry a path prefix (`https://host/kling`). Old-standard actions
+(`videos/text2video`) live at `v1/{action}[/{id}]` under it, one task per query;
+current ones (`text-to-video/kling-2.6`) are created at `{action}` and queried
+in batches at `tasks?task_ids=…`, and `POST tasks` lists the account's tasks.
+Auth is an API key sent as Bearer, or an access/secret key pair turned into a
+short-lived HS256 JWT (refreshed before it expires).
 
 Exceptions::
 
@@ -20,11 +23,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import jwt
 
-from receiver.models import ACTION_PATTERN, TASK_ID_PATTERN
+from receiver.models import ACTION_PATTERN, TASK_ID_PATTERN, Standard
 from receiver.settings import Settings
 
 __all__ = [
@@ -33,10 +37,14 @@ __all__ = [
     "KlingClient",
     "KlingError",
     "KlingUnavailable",
+    "Page",
     "Reply",
     "client_for",
 ]
 
+BATCH_IDS = 50  # ids per `GET tasks` request, Kling's limit
+BATCH_URL_CHARS = 2000  # and fewer when the query string would grow longer than this
+LIST_LIMIT = 500  # tasks per listing page, Kling's limit
 JWT_LIFETIME = 1800  # seconds, as Kling's own examples use
 _REFRESH_MARGIN = 300  # a token is replaced this long before it expires
 
@@ -84,6 +92,23 @@ class Reply:
 
     data: dict[str, Any]
     request_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """Any successful answer: its `data`, whatever its type, and Kling's request id."""
+
+    data: Any
+    request_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of the account's task listing; `next_cursor` is empty after the last."""
+
+    tasks: list[dict[str, Any]]
+    next_cursor: str
+    count: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,15 +170,83 @@ class KlingClient:
 
     async def create(self, action: str, body: dict[str, Any]) -> Reply:
         """Create a task; 1302, 1303 and 5xxx answers are retried with backoff."""
-        return await self._call("POST", _path(action), body)
+        return _task_reply(await self._call("POST", _path(action), body))
 
     async def query(self, action: str, task_id: str) -> Reply:
-        """The task as Kling sees it now (an `external_task_id` may stand for the task id)."""
+        """The task as Kling sees it now (an `external_task_id` may stand for the task id).
+
+        A current-standard task is asked for through the batch query, alone; a task that
+        Kling does not know raises `KlingAPIError` with `not_found`, in both standards.
+        """
         if not TASK_ID_PATTERN.fullmatch(task_id):
             raise ValueError(f"unsafe task id {task_id!r}")
-        return await self._call("GET", f"{_path(action)}/{task_id}", None)
+        if Standard.of(_checked(action)) is Standard.old:
+            return _task_reply(await self._call("GET", f"{_path(action)}/{task_id}", None))
+        for key in ("task_ids", "external_task_ids"):
+            found = await self.query_batch(**{key: [task_id]})
+            if found:
+                return Reply(found[0], None)
+        raise KlingAPIError(1203, f"no task {task_id}", None, 404)
 
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> Reply:
+    async def query_batch(
+        self, *, task_ids: list[str] | None = None, external_task_ids: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The current-standard tasks named (by one kind of id), in as few requests as fit.
+
+        Tasks Kling does not know are left out of the answer, as Kling leaves them out.
+        """
+        if (task_ids is None) == (external_task_ids is None):
+            raise ValueError("give exactly one of task_ids and external_task_ids")
+        key, names = "task_ids", task_ids
+        if external_task_ids is not None:
+            key, names = "external_task_ids", external_task_ids
+        assert names is not None
+        for name in names:
+            if not TASK_ID_PATTERN.fullmatch(name):
+                raise ValueError(f"unsafe task id {name!r}")
+        found: list[dict[str, Any]] = []
+        # Encoded, for ids may hold `+` and `=`, which a query string would misread.
+        encoded = [quote(name, safe="") for name in dict.fromkeys(names)]
+        for chunk in _chunks(encoded, BATCH_IDS, BATCH_URL_CHARS - len(key) - 1):
+            answer = await self._call("GET", f"tasks?{key}={','.join(chunk)}", None)
+            if not isinstance(answer.data, list):
+                raise KlingUnavailable("GET tasks answered without a list of tasks in `data`")
+            found.extend(item for item in answer.data if isinstance(item, dict))
+        return found
+
+    async def list_tasks(
+        self,
+        start_ms: int,
+        end_ms: int,
+        *,
+        cursor: str = "",
+        limit: int = LIST_LIMIT,
+        statuses: tuple[str, ...] = ("succeeded",),
+    ) -> Page:
+        """One page of the account's current-standard tasks created in [start_ms, end_ms]."""
+        body = {
+            "start_time": start_ms,
+            "end_time": end_ms,
+            "cursor": cursor,
+            "limit": limit,
+            "filters": [{"key": "status", "values": list(statuses)}],
+        }
+        data = (await self._call("POST", "tasks", body, repeatable=True)).data
+        tasks = data.get("result") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or not isinstance(tasks, list):
+            raise KlingUnavailable("POST tasks answered without `data.result`, a list of tasks")
+        next_cursor = data.get("next_cursor")
+        count = data.get("count")
+        return Page(
+            [item for item in tasks if isinstance(item, dict)],
+            next_cursor if isinstance(next_cursor, str) else "",
+            count if isinstance(count, int) and not isinstance(count, bool) else None,
+        )
+
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any] | None, *, repeatable: bool = False
+    ) -> _Answer:
+        """Send one request, retrying what may be retried; `repeatable` marks a POST that reads."""
         attempt = 1
         resigned = False
         while True:
@@ -168,12 +261,12 @@ class KlingClient:
                     raise
             except KlingUnavailable:
                 # A create that got no answer may have gone through; only queries are repeated.
-                if method != "GET" or attempt >= self._backoff.attempts:
+                if not (method == "GET" or repeatable) or attempt >= self._backoff.attempts:
                     raise
             await self._backoff.sleep(self._backoff.delay(attempt))
             attempt += 1
 
-    async def _once(self, method: str, path: str, body: dict[str, Any] | None) -> Reply:
+    async def _once(self, method: str, path: str, body: dict[str, Any] | None) -> _Answer:
         url = f"{self.base_url}/{path}"
         try:
             response = await self._http.request(
@@ -195,16 +288,47 @@ class KlingClient:
             code = payload["code"] or response.status_code
             message = str(payload.get("message") or response.reason_phrase)
             raise KlingAPIError(code, message, request_id, response.status_code)
-        data = payload.get("data")
-        if not isinstance(data, dict):
-            raise KlingUnavailable(f"{method} {url} answered without a task in `data`")
-        return Reply(data, request_id)
+        return _Answer(payload.get("data"), request_id)
+
+
+def _task_reply(answer: _Answer) -> Reply:
+    """The answer's task: a dict, or the one dict of a one-element list (aggregators)."""
+    data = answer.data
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]
+    if not isinstance(data, dict):
+        raise KlingUnavailable("Kling answered without a task in `data`")
+    return Reply(data, answer.request_id)
+
+
+def _checked(action: str) -> str:
+    if not ACTION_PATTERN.fullmatch(action):
+        raise ValueError(
+            "action must be an old-standard 'videos/text2video' or a current "
+            f"'text-to-video/kling-2.6', got {action!r}"
+        )
+    return action
 
 
 def _path(action: str) -> str:
-    if not ACTION_PATTERN.fullmatch(action):
-        raise ValueError(f"action must look like 'videos/text2video', got {action!r}")
-    return f"v1/{action}"
+    """Where an action's tasks are created (and, in the old standard, queried)."""
+    return f"v1/{action}" if Standard.of(_checked(action)) is Standard.old else action
+
+
+def _chunks(names: list[str], most: int, chars: int) -> list[list[str]]:
+    """`names` cut into runs of at most `most` whose comma-joined length stays under `chars`."""
+    chunks: list[list[str]] = []
+    chunk: list[str] = []
+    length = 0
+    for name in names:
+        if chunk and (len(chunk) == most or length + 1 + len(name) > chars):
+            chunks.append(chunk)
+            chunk, length = [], 0
+        length += len(name) + (1 if chunk else 0)
+        chunk.append(name)
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 def client_for(

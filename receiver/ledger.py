@@ -85,6 +85,8 @@ class Update:
     poll_after: float | None = None
     # A succeed must be confirmed by a query before files are queued (VERIFY_CALLBACKS).
     confirm: bool = False
+    # Watermarked copies are archived too (ARCHIVE_WATERMARKED).
+    archive_watermarked: bool = False
 
     @property
     def digest(self) -> str:
@@ -114,6 +116,8 @@ class AssetJob:
     action: str | None
     kind: AssetKind
     index: int
+    variant: str
+    group_id: str | None
     url: str
     attempts: int  # finished attempts before this one
     created_at: str  # when the asset was queued: the retry horizon counts from here

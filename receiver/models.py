@@ -1,8 +1,7 @@
-"""Payload and record types, and the order in which a task's status may move.
+"""Record types, and the order in which a task's status may move.
 
-Nothing here does I/O. The Kling task object is parsed leniently: unknown
-fields are kept (the raw body is stored verbatim anyway), optional fields may
-be missing, and only what the service acts on is checked strictly.
+Nothing here does I/O. What Kling sends is read into these types by
+`receiver.shapes`, whatever shape the body had.
 """
 
 from __future__ import annotations
@@ -10,20 +9,11 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
-
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-)
 
 __all__ = [
     "ACTION_PATTERN",
     "TASK_ID_PATTERN",
+    "WATERMARKED",
     "AssetKind",
     "AssetRecord",
     "AssetSpec",
@@ -33,15 +23,31 @@ __all__ = [
     "KlingTask",
     "PayloadError",
     "Source",
+    "Standard",
     "TaskRecord",
     "TaskStatus",
-    "parse_task",
 ]
 
 # Opaque Kling ids (numeric or base64-like); starting with an alphanumeric rules out "." and "..".
 TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,127}")
-# An `action/action2` pair such as `videos/text2video` or `images/kolors-virtual-try-on`.
-ACTION_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}/[a-z0-9][a-z0-9_-]{0,63}")
+# What a task is made by: an `action/action2` pair of the v1 standard (`videos/text2video`,
+# `images/kolors-virtual-try-on`) or a `product/model` path of the current one
+# (`text-to-video/kling-2.6`), whose model names may hold dots.
+ACTION_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}/[a-z0-9][a-z0-9_.-]{0,63}")
+# The first parts of the v1 standard's paths (`/v1/videos/…`); any other is a product.
+_V1_FAMILIES = frozenset({"videos", "images", "audio"})
+
+
+class Standard(enum.StrEnum):
+    """Which of Kling's two API standards a task was made under."""
+
+    old = "old"  # `POST /v1/{action}/{action2}`, queried one task at a time
+    new = "new"  # `POST /{product}/{model}`, queried in batches at `/tasks`
+
+    @classmethod
+    def of(cls, action: str) -> Standard:
+        """The standard of an action: the v1 one's start with videos/, images/ or audio/."""
+        return cls.old if action.split("/", 1)[0] in _V1_FAMILIES else cls.new
 
 
 class TaskStatus(enum.StrEnum):
@@ -51,6 +57,14 @@ class TaskStatus(enum.StrEnum):
     processing = "processing"  # being generated
     succeed = "succeed"  # finished; task_result carries the files (terminal)
     failed = "failed"  # finished without a result (terminal)
+
+    @classmethod
+    def parse(cls, word: str) -> TaskStatus | None:
+        """The status a word names in either API standard (`succeeded` is `succeed`), or None."""
+        try:
+            return cls(_ALIASES.get(word, word))
+        except ValueError:
+            return None
 
     @property
     def rank(self) -> int:
@@ -62,6 +76,8 @@ class TaskStatus(enum.StrEnum):
         return self in (TaskStatus.succeed, TaskStatus.failed)
 
 
+# The current API standard's words for the same states.
+_ALIASES = {"succeeded": "succeed"}
 _RANK = {
     TaskStatus.submitted: 0,
     TaskStatus.processing: 1,
@@ -73,8 +89,13 @@ _RANK = {
 class AssetKind(enum.StrEnum):
     """What an archived file is."""
 
-    video = "video"  # an entry of task_result.videos
-    image = "image"  # an entry of task_result.images
+    video = "video"  # task_result.videos, or a `video` output
+    image = "image"  # task_result.images, or an `image` output
+    audio = "audio"  # an `audio` output (mp3 and wav), or a `voice` output's preview
+
+
+WATERMARKED = "watermarked"
+"""The variant of a video or image that is the watermarked copy (`watermark_url`)."""
 
 
 class AssetState(enum.StrEnum):
@@ -93,110 +114,11 @@ class Source(enum.StrEnum):
     poll = "poll"  # fetched by the poller's query
     submit = "submit"  # the answer to our own create request
     track = "track"  # a manual adoption of a task submitted elsewhere
+    sweep = "sweep"  # found in the account's task listing, unknown until then
 
 
 class PayloadError(ValueError):
     """A delivery's body is not a Kling task object; `str()` is a sentence for the sender."""
-
-
-def _unicode(value: str) -> str:
-    """Refuse text the database cannot keep: JSON escapes can spell lone surrogates."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be Unicode text (it holds a lone surrogate escape)") from None
-    return value
-
-
-Text = Annotated[str, AfterValidator(_unicode)]
-"""A string the ledger stores as it is."""
-
-Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
-"""An integer the ledger can store (SQLite's INTEGER is 64-bit)."""
-
-
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-
-class _Video(_Lenient):
-    id: Text | Int64 | None = None
-    url: Text = Field(min_length=1, max_length=4096)
-    duration: str | float | int | None = None
-    watermark_url: str | None = None
-
-
-class _Image(_Lenient):
-    index: int | None = Field(default=None, ge=0, le=10_000)
-    url: Text = Field(min_length=1, max_length=4096)
-    watermark_url: str | None = None
-
-
-class _TaskResult(_Lenient):
-    videos: list[_Video] | None = None
-    images: list[_Image] | None = None
-
-
-class _TaskInfo(_Lenient):
-    external_task_id: Text | None = None
-
-
-class KlingTask(_Lenient):
-    """The flat task object Kling sends to a callback URL and returns from a query."""
-
-    task_id: str
-    task_status: Text = Field(min_length=1, max_length=64)
-    task_status_msg: Text | None = None
-    created_at: Int64 | None = None
-    updated_at: Int64 | None = None
-    task_info: _TaskInfo | None = None
-    task_result: _TaskResult | None = None
-
-    @field_validator("task_id", mode="before")
-    @classmethod
-    def _task_id(cls, value: Any) -> Any:
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)  # numeric ids sometimes arrive as JSON numbers
-        if isinstance(value, str) and not TASK_ID_PATTERN.fullmatch(value):
-            raise ValueError(
-                "must be 1 to 128 letters, digits or _.=+- characters, "
-                "starting with a letter or digit"
-            )
-        return value
-
-    @property
-    def status(self) -> TaskStatus | None:
-        """The status if it is one the service knows, else None."""
-        try:
-            return TaskStatus(self.task_status)
-        except ValueError:
-            return None
-
-    @property
-    def external_task_id(self) -> str | None:
-        return self.task_info.external_task_id if self.task_info else None
-
-    def assets(self) -> list[AssetSpec]:
-        """One entry per file in task_result: videos by position, images by their index."""
-        result = self.task_result
-        if result is None:
-            return []
-        specs = [
-            AssetSpec(
-                AssetKind.video, position, video.url, None if video.id is None else str(video.id)
-            )
-            for position, video in enumerate(result.videos or [])
-        ]
-        images = result.images or []
-        indexes = [image.index for image in images]
-        if None in indexes or len(set(indexes)) != len(indexes):
-            indexes = list(range(len(images)))  # aggregators may drop or repeat `index`
-        specs += [
-            AssetSpec(AssetKind.image, index, image.url, None)
-            for index, image in zip(indexes, images, strict=True)
-            if index is not None
-        ]
-        return specs
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,33 +136,44 @@ class CallbackRef:
 
 @dataclass(frozen=True, slots=True)
 class AssetSpec:
-    """A file named by a succeeded task, before it has a row of its own."""
+    """A file named by a succeeded task, before it has a row of its own.
+
+    `kind` and `index` say which output it is; `variant` tells apart the files of one
+    output (`mp3` and `wav` of an audio, the `watermarked` copy of a video or image).
+    """
 
     kind: AssetKind
     index: int
     url: str
     remote_id: str | None
+    variant: str = ""
+    group_id: str | None = None
 
 
-def parse_task(data: Any) -> KlingTask:
-    """Validate decoded JSON as a Kling task object, or raise `PayloadError`."""
-    if not isinstance(data, dict):
-        kind = _json_type(data)
-        raise PayloadError(f"The body must be a JSON object (the Kling task), not a JSON {kind}.")
-    try:
-        return KlingTask.model_validate(data)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors()[:5]:
-            where = ".".join(str(part) for part in error["loc"]) or "body"
-            problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
-        summary = "; ".join(problems)
-        raise PayloadError(f"The body is not a Kling task object: {summary}.") from exc
+@dataclass(frozen=True, slots=True)
+class KlingTask:
+    """A task as Kling reported it, whatever the body's shape (`receiver.shapes` reads them).
 
+    Times are milliseconds since 1970; `task_status` is Kling's own word, as it came.
+    """
 
-def _json_type(value: Any) -> str:
-    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
+    task_id: str
+    task_status: str
+    task_status_msg: str | None = None
+    created_at: int | None = None
+    updated_at: int | None = None
+    external_task_id: str | None = None
+    files: tuple[AssetSpec, ...] = ()
+    shape: str = "old"
+
+    @property
+    def status(self) -> TaskStatus | None:
+        """The status if it is one the service knows, else None."""
+        return TaskStatus.parse(self.task_status)
+
+    def assets(self, *, watermarked: bool = False) -> list[AssetSpec]:
+        """The files to archive: every output's, and their watermarked copies if asked."""
+        return [f for f in self.files if watermarked or f.variant != WATERMARKED]
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +182,8 @@ class AssetRecord:
 
     kind: AssetKind
     index: int
+    variant: str
+    group_id: str | None
     url: str
     state: AssetState
     location: str | None
@@ -299,3 +234,4 @@ class EventRecord:
     last_received_at: str
     times_received: int
     applied: bool
+    shape: str | None  # which body shape it came in (`receiver.shapes`); None before v4

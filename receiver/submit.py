@@ -14,11 +14,18 @@ from typing import Any
 from receiver import tokens
 from receiver.kling import KlingAPIError, KlingClient, KlingUnavailable
 from receiver.ledger import Ledger, Submission
-from receiver.models import ACTION_PATTERN, CallbackRef, PayloadError, Source, TaskRecord
+from receiver.models import (
+    ACTION_PATTERN,
+    CallbackRef,
+    PayloadError,
+    Source,
+    Standard,
+    TaskRecord,
+)
 from receiver.poller import poll_after, update_from_reply
 from receiver.settings import Settings
 
-__all__ = ["SubmitError", "check_params", "submit"]
+__all__ = ["SubmitError", "check_params", "create_body", "submit"]
 
 MAX_PROMPT = 2500
 MODES = ("std", "pro")
@@ -47,30 +54,73 @@ class SubmitError(Exception):
 
 def check_params(action: object, params: object) -> tuple[str, dict[str, Any]]:
     """The parameters, or `SubmitError` (422) for mistakes worth catching before a slot is spent."""
-
-    def refuse(message: str) -> SubmitError:
-        return SubmitError(422, "bad_params", message)
-
     if not isinstance(action, str) or not ACTION_PATTERN.fullmatch(action):
-        raise refuse("action must be an action/action2 pair such as videos/text2video.")
+        raise _refuse(
+            "action must be an old-standard action/action2 pair such as videos/text2video, "
+            "or a current product/model path such as text-to-video/kling-2.6."
+        )
     if not isinstance(params, dict):
-        raise refuse("params must be a JSON object of the create request's fields.")
-    for name in _SET_BY_SERVICE:
-        if name in params:
-            raise refuse(f"{name} is set by the service; leave it out of params.")
+        raise _refuse("params must be a JSON object of the create request's fields.")
+    if Standard.of(action) is Standard.old:
+        _check_old(params)
+    else:
+        _check_new(params)
+    return action, params
+
+
+def _refuse(message: str) -> SubmitError:
+    return SubmitError(422, "bad_params", message)
+
+
+def _check_old(params: dict[str, Any]) -> None:
+    """The v1 standard: flat fields (some actions nest them in `input`), durations as text."""
+    _not_ours(params, "")
     nested = params.get("input")
     for fields in (params, nested if isinstance(nested, dict) else {}):
-        for name in ("prompt", "negative_prompt"):
-            value = fields.get(name)
-            if value is not None and (not isinstance(value, str) or len(value) > MAX_PROMPT):
-                raise refuse(f"{name} must be text of at most {MAX_PROMPT} characters.")
+        _check_prompts(fields)
         duration = fields.get("duration")
         if duration is not None and not (isinstance(duration, str) and duration.isdigit()):
-            raise refuse('duration must be a string of digits, such as "5" or "10".')
+            raise _refuse('duration must be a string of digits, such as "5" or "10".')
         mode = fields.get("mode")
         if mode is not None and mode not in MODES:
-            raise refuse(f"mode must be one of {', '.join(MODES)}, not {mode!r}.")
-    return action, params
+            raise _refuse(f"mode must be one of {', '.join(MODES)}, not {mode!r}.")
+
+
+def _check_new(params: dict[str, Any]) -> None:
+    """The current standard: `settings` and `options` objects, durations as integers."""
+    _not_ours(params, "")
+    _check_prompts(params)
+    for name in ("settings", "options"):
+        if params.get(name) is not None and not isinstance(params[name], dict):
+            raise _refuse(f"{name} must be a JSON object.")
+    _not_ours(params.get("options") or {}, "options.")
+    duration = (params.get("settings") or {}).get("duration")
+    if duration is not None and (not isinstance(duration, int) or isinstance(duration, bool)):
+        raise _refuse("settings.duration must be an integer number of seconds, such as 5 or 10.")
+
+
+def _not_ours(fields: dict[str, Any], where: str) -> None:
+    for name in _SET_BY_SERVICE:
+        if name in fields:
+            raise _refuse(f"{where}{name} is set by the service; leave it out of params.")
+
+
+def _check_prompts(fields: dict[str, Any]) -> None:
+    for name in ("prompt", "negative_prompt"):
+        value = fields.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_PROMPT):
+            raise _refuse(f"{name} must be text of at most {MAX_PROMPT} characters.")
+
+
+def create_body(
+    action: str, params: dict[str, Any], callback_url: str, external_task_id: str
+) -> dict[str, Any]:
+    """The create request: the caller's params with the service's callback URL and id,
+    where the action's standard wants them (top level in the old one, `options` now)."""
+    ours = {"callback_url": callback_url, "external_task_id": external_task_id}
+    if Standard.of(action) is Standard.old:
+        return params | ours
+    return params | {"options": (params.get("options") or {}) | ours}
 
 
 async def submit(
@@ -91,10 +141,7 @@ async def submit(
         return await _replay(ledger, recorded, action, params), False
     ref = tokens.task_ref(external_task_id)
     path = tokens.callback_path(settings.secret("callback_secret"), ref, action)
-    body = params | {
-        "callback_url": settings.public_url + path,
-        "external_task_id": external_task_id,
-    }
+    body = create_body(action, params, settings.public_url + path, external_task_id)
     try:
         reply = await client.create(action, body)
     except KlingAPIError as exc:
@@ -111,6 +158,7 @@ async def submit(
             reply.data,
             Source.submit,
             action,
+            archive_watermarked=settings.archive_watermarked,
             ref=CallbackRef(ref, action),
             poll_after=poll_after(settings, action),
         )

@@ -5,7 +5,8 @@ A URL looks like ``{PUBLIC_URL}/callbacks/kling/{ref}/{sig}[/{action}]``:
 - ``ref`` is ``x-{external_task_id}`` for a URL made for one task (the service's
   own submissions, or ``callback-url --external-task-id``), or ``h-{random}`` for a
   URL made by hand that several tasks may share (``callback-url``);
-- ``action`` (``videos/text2video``…) tells the service how to query the task later;
+- ``action`` (``videos/text2video``, ``text-to-video/kling-2.6``…) tells the service
+  how to query the task later;
 - ``sig`` signs ref and action together, so neither can be changed.
 """
 
@@ -46,7 +47,10 @@ def new_channel_ref() -> str:
 def callback_path(secret: str, ref: str, action: str | None = None) -> str:
     """The signed path (without the base URL) for a reference and an optional action."""
     if action is not None and not ACTION_PATTERN.fullmatch(action):
-        raise ValueError(f"action must look like 'videos/text2video', got {action!r}")
+        raise ValueError(
+            "action must be an old-standard 'videos/text2video' or a current "
+            f"'text-to-video/kling-2.6', got {action!r}"
+        )
     path = f"{CALLBACK_PREFIX}/{ref}/{_sign(secret, ref, action)}"
     return f"{path}/{action}" if action else path
 

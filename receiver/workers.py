@@ -45,14 +45,19 @@ log = logging.getLogger("receiver.workers")
 _NOT_YET = {403, 404, 410}
 
 
-def asset_stem(action: str | None, task_id: str, kind: AssetKind, index: int) -> str:
+def asset_stem(
+    action: str | None, task_id: str, kind: AssetKind, index: int, variant: str = ""
+) -> str:
     """The storage key without its extension: `videos/text2video/<task_id>/0`.
 
     The index alone names the file when the kind is the one the action makes
-    (videos/… make videos); otherwise the kind prefixes it (`image-0`).
+    (videos/… make videos); otherwise the kind prefixes it (`image-0`). A variant
+    follows (`0-watermarked`, `audio-0-mp3`), so each file of an output has a key.
     """
     family = action.split("/")[0] if action else None
     name = str(index) if family == f"{kind.value}s" else f"{kind.value}-{index}"
+    if variant:
+        name += f"-{variant}"
     return f"{action or 'unknown-action'}/{task_id}/{name}"
 
 
@@ -193,6 +198,7 @@ class Downloader:
                 "task_id": job.task_id,
                 "kind": job.kind.value,
                 "index": job.index,
+                "variant": job.variant,
                 "state": result.state.value,
                 "size": result.size,
                 "error": result.error,
@@ -202,7 +208,7 @@ class Downloader:
         )
 
     def _download(self, job: AssetJob, cancel: threading.Event) -> AssetResult:
-        stem = asset_stem(job.action, job.task_id, job.kind, job.index)
+        stem = asset_stem(job.action, job.task_id, job.kind, job.index, job.variant)
         try:
             writer = self.sink.open(stem)
         except StorageError as exc:  # an unsafe key, or a disk that refuses: the sink says which
@@ -276,6 +282,8 @@ def _sidecar(job: AssetJob, fetched: Fetched, stored_at: str) -> dict[str, objec
         "action": job.action,
         "kind": job.kind.value,
         "index": job.index,
+        "variant": job.variant,
+        "group_id": job.group_id,
         "source_url": job.url,
         "final_url": fetched.final_url,
         "sha256": fetched.sha256,

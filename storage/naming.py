@@ -20,6 +20,8 @@ _BY_TYPE = {
     "audio/mpeg": ".mp3",
     "audio/mp4": ".m4a",
     "audio/wav": ".wav",
+    "audio/x-wav": ".wav",
+    "audio/wave": ".wav",
 }
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,254}")
 _SUFFIX = re.compile(r"\.([A-Za-z0-9]{1,5})$")

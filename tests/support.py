@@ -241,8 +241,16 @@ class Service:
         return found
 
     def archived(self, task_id: str) -> Callable[[], bool]:
-        """A check for `wait_for`: the task is archived."""
-        return lambda: bool(self.task(task_id)["archived"])
+        """A check for `wait_for`: the task is recorded, and archived."""
+
+        def check() -> bool:
+            response = self.api(f"/api/tasks/{task_id}")
+            if response.status_code == 404:
+                return False
+            assert response.status_code == 200, response.text
+            return bool(response.json()["archived"])
+
+        return check
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -254,6 +262,21 @@ def json_lines(text: str) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return entries
+
+
+def kling_env(base_url: str) -> dict[str, str]:
+    """Settings for a service that calls a fake Kling at `base_url` and downloads from
+    loopback, with every poll and retry wait shrunk to fractions of a second."""
+    return {
+        "KLING_API_BASE": base_url,
+        "KLING_API_KEY": KLING_API_KEY,
+        "ALLOW_PRIVATE_DOWNLOADS": "true",
+        "DOWNLOAD_RETRY_BASE_SECONDS": "0.05",
+        "POLL_INTERVAL": "0.2",
+        "POLL_MAX_INTERVAL": "1",
+        "POLL_TICK_SECONDS": "0.1",
+        "KLING_RETRY_BASE_SECONDS": "0.01",
+    }
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 20) -> None:

@@ -54,6 +54,8 @@ def claim(conn: sqlite3.Connection, owner: str, lease_seconds: float) -> AssetJo
         action=row["action"],
         kind=AssetKind(row["kind"]),
         index=row["idx"],
+        variant=row["variant"],
+        group_id=row["group_id"],
         url=row["url"],
         attempts=row["attempts"],
         created_at=row["created_at"],

@@ -87,6 +87,53 @@ MIGRATIONS: list[list[str]] = [
         # `track` on a known task starts polling again: the give-up horizon counts from then.
         "ALTER TABLE tasks ADD COLUMN polls_since TEXT",
     ],
+    [
+        # Kling's current API standard: the shape each delivery came in, outputs with several
+        # files (an audio's mp3 and wav, watermarked copies) told apart by `variant`, image
+        # groups, and the account sweep's durable window. SQLite cannot change a UNIQUE
+        # constraint in place, so the assets table is rebuilt with `variant` in its key.
+        "ALTER TABLE events ADD COLUMN shape TEXT",
+        """CREATE TABLE assets_v4 (
+            id INTEGER PRIMARY KEY,
+            task_pk INTEGER NOT NULL REFERENCES tasks (id),
+            kind TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            variant TEXT NOT NULL DEFAULT '',
+            group_id TEXT,
+            url TEXT NOT NULL,
+            remote_id TEXT,
+            state TEXT NOT NULL,
+            location TEXT,
+            sha256 TEXT,
+            size INTEGER,
+            content_type TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            error TEXT,
+            lease_owner TEXT,
+            lease_expires_at TEXT,
+            next_attempt_at TEXT,
+            stored_at TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            UNIQUE (task_pk, kind, idx, variant)
+        )""",
+        """INSERT INTO assets_v4 (id, task_pk, kind, idx, url, remote_id, state, location, sha256,
+                                 size, content_type, attempts, error, lease_owner,
+                                 lease_expires_at, next_attempt_at, stored_at, created_at,
+                                 updated_at)
+           SELECT id, task_pk, kind, idx, url, remote_id, state, location, sha256, size,
+                  content_type, attempts, error, lease_owner, lease_expires_at, next_attempt_at,
+                  stored_at, created_at, updated_at
+           FROM assets""",
+        "DROP TABLE assets",
+        "ALTER TABLE assets_v4 RENAME TO assets",
+        "CREATE INDEX assets_queue ON assets (state, next_attempt_at)",
+        """CREATE TABLE marks (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+    ],
 ]
 
 

@@ -28,8 +28,8 @@ from receiver.models import (
     Source,
     TaskRecord,
     TaskStatus,
-    parse_task,
 )
+from receiver.shapes import parse_task
 
 __all__ = ["apply", "decode_cursor", "encode_cursor", "event_record", "task_record"]
 
@@ -94,14 +94,14 @@ _HOLDER = "SELECT id FROM tasks WHERE external_task_id = ?"
 # A delivery's bytes are kept once per task and source; the same bytes again are counted.
 # (RETURNING would say which in one statement, but costs twice what a plain insert does.)
 _RECORD_EVENT = """INSERT INTO events (task_pk, source, status, body, digest, headers, remote,
-                                       received_at, last_received_at, applied)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                       received_at, last_received_at, applied, shape)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (task_pk, source, digest) DO NOTHING"""
 _COUNT_EVENT = """UPDATE events SET times_received = times_received + 1, last_received_at = ?
                   WHERE task_pk = ? AND source = ? AND digest = ?"""
-_INSERT_ASSET = """INSERT OR IGNORE INTO assets (task_pk, kind, idx, url, remote_id, state,
-                                                 created_at, updated_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)"""
+_INSERT_ASSET = """INSERT OR IGNORE INTO assets (task_pk, kind, idx, variant, group_id, url,
+                                                 remote_id, state, created_at, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 
 def apply(conn: sqlite3.Connection, update: Update) -> Applied:
@@ -265,7 +265,7 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
         (
             pk,
             source,
-            task.task_status,
+            task.task_status if status is None else status.value,
             update.body,
             digest,
             json.dumps(dict(update.headers)),
@@ -273,6 +273,7 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
             now,
             now,
             moved and not held,
+            task.shape,
         ),
     ).rowcount
     if not recorded:  # the same bytes came before: only counted
@@ -287,13 +288,15 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
     created = 0
     if status is TaskStatus.succeed:
         # Terminal states are final, so this runs once per task: the first succeed names the files.
-        for spec in task.assets():
+        for spec in task.assets(watermarked=update.archive_watermarked):
             created += cur.execute(
                 _INSERT_ASSET,
                 (
                     pk,
                     spec.kind.value,
                     spec.index,
+                    spec.variant,
+                    spec.group_id,
                     spec.url,
                     spec.remote_id,
                     AssetState.pending.value,
@@ -350,7 +353,7 @@ def _status(value: str | None) -> TaskStatus | None:
 
 def task_record(conn: sqlite3.Connection, row: sqlite3.Row) -> TaskRecord:
     assets = conn.execute(
-        "SELECT * FROM assets WHERE task_pk = ? ORDER BY kind DESC, idx", (row["id"],)
+        "SELECT * FROM assets WHERE task_pk = ? ORDER BY kind DESC, idx, variant", (row["id"],)
     ).fetchall()
     return TaskRecord(
         task_id=row["task_id"],
@@ -370,6 +373,8 @@ def task_record(conn: sqlite3.Connection, row: sqlite3.Row) -> TaskRecord:
             AssetRecord(
                 kind=AssetKind(asset["kind"]),
                 index=asset["idx"],
+                variant=asset["variant"],
+                group_id=asset["group_id"],
                 url=asset["url"],
                 state=AssetState(asset["state"]),
                 location=asset["location"],
@@ -402,6 +407,7 @@ def event_record(task_id: str, row: sqlite3.Row) -> EventRecord:
         last_received_at=row["last_received_at"],
         times_received=row["times_received"],
         applied=bool(row["applied"]),
+        shape=row["shape"],
     )
 
 

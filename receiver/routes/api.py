@@ -51,6 +51,8 @@ def asset_json(asset: AssetRecord) -> dict[str, Any]:
     return {
         "kind": asset.kind,
         "index": asset.index,
+        "variant": asset.variant,
+        "group_id": asset.group_id,
         "url": asset.url,
         "state": asset.state,
         "location": asset.location,
@@ -92,6 +94,7 @@ def event_json(event: EventRecord) -> dict[str, Any]:
         "last_received_at": event.last_received_at,
         "times_received": event.times_received,
         "applied": event.applied,
+        "shape": event.shape,
         "remote": event.remote,
         "headers": event.headers,
         "body": event.body.decode("utf-8", "replace"),
@@ -164,13 +167,9 @@ async def asset_url(request: Request) -> Response:
     task = await _ledger(request).task(task_id)
     if task is None:
         return _no_task(task_id)
-    index = request.path_params["index"]
-    kind = query.get("kind")
-    matches = [a for a in task.assets if str(a.index) == index and kind in (None, a.kind.value)]
-    if len(matches) != 1:
-        what = "no such asset" if not matches else "two assets have this index; add ?kind="
-        return error(404 if not matches else 400, "unknown_asset", f"Task {task_id}: {what}.")
-    asset = matches[0]
+    asset = _one_asset(task, request.path_params["index"], query.get("kind"), query.get("variant"))
+    if isinstance(asset, Response):
+        return asset
     if asset.state is not AssetState.stored or asset.location is None:
         return error(409, "not_stored", f"The asset is {asset.state.value}, not stored yet.")
     settings = request.app.state.settings
@@ -180,6 +179,27 @@ async def asset_url(request: Request) -> Response:
         secret = settings.secret("callback_secret")
         url = settings.public_url + file_link(secret, asset.location, int(time.time()) + seconds)
     return JSONResponse({"url": url, "expires_at": utc_in(seconds)})
+
+
+def _one_asset(
+    task: TaskRecord, index: str, kind: str | None, variant: str | None
+) -> AssetRecord | Response:
+    """The asset `index` (of `kind`, and `variant`) names; the main file of an output wins."""
+    matches = [
+        a
+        for a in task.assets
+        if str(a.index) == index and kind in (None, a.kind.value) and variant in (None, a.variant)
+    ]
+    if variant is None and len(matches) > 1:
+        matches = [a for a in matches if a.variant == ""] or matches
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        return error(404, "unknown_asset", f"Task {task.task_id}: no such asset.")
+    choices = ", ".join(sorted({f"kind={a.kind.value}&variant={a.variant}" for a in matches}))
+    return error(
+        400, "unknown_asset", f"Task {task.task_id}: several assets have this index; add {choices}."
+    )
 
 
 async def retry_task(request: Request) -> Response:

@@ -15,10 +15,11 @@ from starlette.types import Scope
 from receiver import tokens
 from receiver._clock import utc_now
 from receiver.ledger import Ledger, LedgerUnavailable, Outcome, Update
-from receiver.models import PayloadError, Source, parse_task
+from receiver.models import PayloadError, Source
 from receiver.poller import poll_after
 from receiver.routes._responses import JSON, error
 from receiver.settings import Settings
+from receiver.shapes import parse_task
 from receiver.webhooks import SignatureError, WebhookKey
 
 __all__ = ["direct", "routes"]
@@ -149,6 +150,7 @@ async def receive(request: Request) -> Response:
         remote=remote,
         poll_after=poll_after(settings, ref.action),
         confirm=request.app.state.poller is not None and settings.verify,
+        archive_watermarked=settings.archive_watermarked,
     )
     ledger: Ledger = request.app.state.ledger
     try:

@@ -22,7 +22,7 @@ import pytest
 from receiver.ledger import open_ledger
 from tests.fake_kling import FakeKling, result
 from tests.media_server import MediaServer
-from tests.support import KLING_API_KEY, Service, fixture_json, wait_for
+from tests.support import Service, fixture_json, kling_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -34,18 +34,10 @@ PARAMS = {"prompt": "a lighthouse in a storm", "duration": "5", "mode": "std"}
 @pytest.fixture
 def spawn(services: Callable[..., Service], kling: FakeKling) -> Callable[..., Service]:
     """Start a service that submits to and polls the fake Kling; killed at the end of the test."""
-    defaults = {
-        "KLING_API_BASE": kling.base_url,
-        "KLING_API_KEY": KLING_API_KEY,
-        "ALLOW_PRIVATE_DOWNLOADS": "true",
+    defaults = kling_env(kling.base_url) | {
         "DOWNLOAD_CONCURRENCY": "2",
-        "DOWNLOAD_RETRY_BASE_SECONDS": "0.05",
         "POLL_AFTER": "1",
-        "POLL_INTERVAL": "0.2",
-        "POLL_MAX_INTERVAL": "1",
-        "POLL_TICK_SECONDS": "0.1",
         "SUBMIT_RECONCILE_AFTER": "1",
-        "KLING_RETRY_BASE_SECONDS": "0.01",
     }
     return lambda **env: services(env=defaults | env)
 

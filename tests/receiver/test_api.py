@@ -37,6 +37,8 @@ TASK_FIELDS = {
 ASSET_FIELDS = {
     "kind",
     "index",
+    "variant",
+    "group_id",
     "url",
     "state",
     "location",
@@ -174,6 +176,8 @@ def test_succeeded_task_lists_its_files(client: TestClient) -> None:
         {
             "kind": "image",
             "index": image["index"],
+            "variant": "",
+            "group_id": None,
             "url": image["url"],
             "state": "pending",
             "location": None,

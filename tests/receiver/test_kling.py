@@ -13,11 +13,14 @@ import jwt
 import pytest
 
 from receiver.kling import (
+    BATCH_IDS,
+    BATCH_URL_CHARS,
     JWT_LIFETIME,
     Backoff,
     KlingAPIError,
     KlingClient,
     KlingUnavailable,
+    Page,
     client_for,
 )
 from receiver.settings import load_settings
@@ -363,3 +366,261 @@ async def test_an_http_5xx_without_a_kling_code_is_retried() -> None:
         created = await kling.create(T2V, {"prompt": "p"})
     assert created.data["task_id"] == "867283741759111202"
     assert len(seen) == 2
+
+
+# -- the current standard: model paths, batch queries and the task listing ----------------
+
+T26 = "text-to-video/kling-2.6"
+
+
+def kling_answer(data: Any) -> httpx.Response:
+    """Kling's envelope around `data`, whatever it is."""
+    return httpx.Response(
+        200, json={"code": 0, "message": "SUCCEED", "request_id": "r", "data": data}
+    )
+
+
+def batch_echo(request: httpx.Request) -> httpx.Response:
+    """A batch query answered with one TASK2 stub per id asked for."""
+    (key,) = request.url.params.keys()
+    return kling_answer([{"id": name} for name in request.url.params[key].split(",")])
+
+
+def asked(request: httpx.Request) -> list[str]:
+    """The ids one batch query named."""
+    (key,) = request.url.params.keys()
+    return request.url.params[key].split(",")
+
+
+async def test_a_current_standard_create_goes_to_the_model_path_and_an_old_one_under_v1() -> None:
+    """The new standard has no `v1/`: `{base}/{product}/{model}`, dots and all."""
+    kling, seen = client(lambda request: reply())
+    async with kling:
+        await kling.create(T26, {"prompt": "a cat", "settings": {"duration": 5}})
+        await kling.create(T2V, {"prompt": "a cat"})
+
+    assert [(r.method, str(r.url)) for r in seen] == [
+        ("POST", "https://aggregator.example/kling/text-to-video/kling-2.6"),
+        ("POST", "https://aggregator.example/kling/v1/videos/text2video"),
+    ]
+    assert json.loads(seen[0].content) == {"prompt": "a cat", "settings": {"duration": 5}}
+
+
+async def test_a_batch_query_asks_at_most_50_ids_at_a_time_and_leaves_out_unknown_ones() -> None:
+    """120 ids are three `GET tasks` of 50, 50 and 20; only the tasks Kling knows come back."""
+    with fake_kling(api_key="key-1") as fake:
+        known = [fake.add_task(T26).task_id for _ in range(110)]
+        unknown = [f"unknown-{n}" for n in range(10)]
+        names = known[:60] + unknown + known[60:]
+        async with KlingClient(fake.base_url, api_key="key-1") as kling:
+            found = await kling.query_batch(task_ids=names)
+
+    queries = fake.batch_queries()
+    assert [len(q.query["task_ids"].split(",")) for q in queries] == [BATCH_IDS, BATCH_IDS, 20]
+    assert [name for q in queries for name in q.query["task_ids"].split(",")] == names
+    assert sorted(task["id"] for task in found) == sorted(known)
+
+
+async def test_long_ids_are_asked_in_smaller_batches_to_keep_the_url_short() -> None:
+    """100-character ids fit 19 to a query: each query string stays within BATCH_URL_CHARS."""
+    names = [f"{n:03d}" + "x" * 97 for n in range(60)]
+    kling, seen = client(batch_echo)
+    async with kling:
+        found = await kling.query_batch(task_ids=names)
+
+    assert [len(asked(r)) for r in seen] == [19, 19, 19, 3]
+    assert all(len(r.url.query) <= BATCH_URL_CHARS for r in seen)
+    assert [name for r in seen for name in asked(r)] == names
+    assert [task["id"] for task in found] == names
+
+
+async def test_the_whole_query_string_stays_within_the_limit_not_only_the_ids() -> None:
+    """The limit is on what goes into the URL, the key's name included."""
+    names = [f"{n:03d}" + "x" * 121 for n in range(40)]
+    kling, seen = client(batch_echo)
+    async with kling:
+        await kling.query_batch(task_ids=names)
+    assert [len(r.url.query) for r in seen if len(r.url.query) > BATCH_URL_CHARS] == []
+
+
+async def test_an_id_named_twice_is_asked_for_once() -> None:
+    """Duplicates are dropped before the ids are cut into batches, keeping the first's place."""
+    kling, seen = client(batch_echo)
+    async with kling:
+        found = await kling.query_batch(external_task_ids=["kr-b", "kr-a", "kr-b"])
+    (request,) = seen
+    assert request.url.params["external_task_ids"] == "kr-b,kr-a"
+    assert [task["id"] for task in found] == ["kr-b", "kr-a"]
+
+
+@pytest.mark.parametrize(
+    "kinds",
+    [{}, {"task_ids": ["t1"], "external_task_ids": ["kr-1"]}],
+    ids=["neither", "both"],
+)
+async def test_a_batch_query_names_its_tasks_by_exactly_one_kind_of_id(
+    kinds: dict[str, list[str]],
+) -> None:
+    """Kling takes task_ids or external_task_ids, never both; neither is a mistake too."""
+    kling, seen = client(batch_echo)
+    async with kling:
+        with pytest.raises(ValueError, match="exactly one"):
+            await kling.query_batch(**kinds)
+    assert seen == []
+
+
+async def test_an_unsafe_id_in_a_batch_is_refused_before_any_request() -> None:
+    """One bad id anywhere in the list stops the whole query, even past the first batch."""
+    kling, seen = client(batch_echo)
+    async with kling:
+        with pytest.raises(ValueError, match="unsafe"):
+            await kling.query_batch(task_ids=[f"t{n}" for n in range(60)] + ["a&task_ids=b"])
+    assert seen == []
+
+
+async def test_an_id_with_a_plus_sign_is_found() -> None:
+    """Base64-like ids may hold `+`; the query must still name the task."""
+    with fake_kling(api_key="key-1") as fake:
+        task = fake.add_task(T26, external_task_id="ext+1")
+        async with KlingClient(fake.base_url, api_key="key-1") as kling:
+            found = await kling.query_batch(external_task_ids=["ext+1"])
+    assert [t["id"] for t in found] == [task.task_id]
+
+
+async def test_a_current_standard_query_goes_through_the_batch_endpoint() -> None:
+    """`query` asks `GET tasks?task_ids=<id>` and falls back to the id as an external_task_id."""
+    with fake_kling(api_key="key-1") as fake:
+        task = fake.add_task(T26, external_task_id="kr-own-id")
+        async with KlingClient(fake.base_url, api_key="key-1") as kling:
+            by_id = await kling.query(T26, task.task_id)
+            by_external = await kling.query(T26, "kr-own-id")
+
+    assert by_id.data["id"] == by_external.data["id"] == task.task_id
+    assert by_external.data["external_id"] == "kr-own-id"
+    assert [q.query for q in fake.batch_queries()] == [
+        {"task_ids": task.task_id},
+        {"task_ids": "kr-own-id"},
+        {"external_task_ids": "kr-own-id"},
+    ]
+    assert not any(r.path.startswith("/kling/v1/") for r in fake.requests)
+
+
+async def test_a_current_standard_task_kling_does_not_know_is_not_found() -> None:
+    """Left out of both batch answers, the task is KlingAPIError 1203 with `not_found`."""
+    with fake_kling(api_key="key-1") as fake:
+        fake.add_task(T26)
+        async with KlingClient(fake.base_url, api_key="key-1") as kling:
+            with pytest.raises(KlingAPIError) as missing:
+                await kling.query(T26, "kr-nothing")
+
+    assert missing.value.not_found and not missing.value.retryable
+    assert missing.value.code == 1203
+    assert [q.query for q in fake.batch_queries()] == [
+        {"task_ids": "kr-nothing"},
+        {"external_task_ids": "kr-nothing"},
+    ]
+
+
+async def test_an_old_standard_answer_whose_data_is_a_one_element_list_is_that_task() -> None:
+    """Some aggregators wrap the task in a list; one element is the task, two are no answer."""
+    task = fixture_json("create_response.json")["data"]
+    kling, _ = client(lambda request: kling_answer([task]))
+    async with kling:
+        queried = await kling.query(T2V, task["task_id"])
+    assert queried.data == task
+
+    kling, _ = client(lambda request: kling_answer([task, task]))
+    async with kling:
+        with pytest.raises(KlingUnavailable):
+            await kling.query(T2V, task["task_id"])
+
+
+@pytest.mark.parametrize("data", [{"id": "t1"}, None, "t1"], ids=["object", "null", "text"])
+async def test_a_batch_answer_without_a_list_of_tasks_is_unavailable(data: Any) -> None:
+    """`GET tasks` must answer a list in `data`; anything else is no usable answer."""
+    kling, _ = client(lambda request: kling_answer(data))
+    async with kling:
+        with pytest.raises(KlingUnavailable, match="list of tasks"):
+            await kling.query_batch(task_ids=["t1"])
+        with pytest.raises(KlingUnavailable):
+            await kling.query(T26, "t1")
+
+
+async def test_a_listing_sends_its_window_cursor_and_filters_and_reads_a_page() -> None:
+    """`POST tasks` carries the body Kling documents; the answer becomes a Page."""
+    page = {"result": [{"id": "t1"}, "not-a-task", {"id": "t2"}], "next_cursor": "c2", "count": 7}
+    kling, seen = client(lambda request: kling_answer(page))
+    async with kling:
+        got = await kling.list_tasks(1_000, 2_000, cursor="c1")
+
+    (request,) = seen
+    assert (request.method, str(request.url)) == ("POST", "https://aggregator.example/kling/tasks")
+    assert json.loads(request.content) == {
+        "start_time": 1_000,
+        "end_time": 2_000,
+        "cursor": "c1",
+        "limit": 500,
+        "filters": [{"key": "status", "values": ["succeeded"]}],
+    }
+    assert got == Page([{"id": "t1"}, {"id": "t2"}], "c2", 7)
+
+
+async def test_paging_through_the_listing_visits_every_listed_task_once() -> None:
+    """With a small limit, following next_cursor to its end sees each succeeded task once."""
+    start = int(time.time() * 1000) - 3_600_000
+    with fake_kling(api_key="key-1") as fake:
+        done = [
+            fake.add_task(T26, status="succeed", created_at=start + n).task_id for n in range(7)
+        ]
+        fake.add_task(T26, status="processing", created_at=start + 100)
+        fake.add_task(T2V, status="succeed", created_at=start + 200)
+        seen: list[str] = []
+        pages: list[Page] = []
+        async with KlingClient(fake.base_url, api_key="key-1") as kling:
+            cursor = ""
+            while True:
+                page = await kling.list_tasks(start, start + 10_000, cursor=cursor, limit=3)
+                pages.append(page)
+                seen += [task["id"] for task in page.tasks]
+                if not page.next_cursor:
+                    break
+                cursor = page.next_cursor
+
+    assert seen == done
+    assert [len(page.tasks) for page in pages] == [3, 3, 1]
+    assert {page.count for page in pages} == {7}
+    assert [r.body["limit"] for r in fake.listings()] == [3, 3, 3]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{"next_cursor": "", "count": 0}, {"result": {"id": "t1"}}, [{"id": "t1"}], None],
+    ids=["no-result", "result-object", "data-list", "data-null"],
+)
+async def test_a_listing_without_a_result_list_is_unavailable(data: Any) -> None:
+    """Only `data.result`, a list, is a page; anything else is no usable answer."""
+    kling, _ = client(lambda request: kling_answer(data))
+    async with kling:
+        with pytest.raises(KlingUnavailable, match=r"data\.result"):
+            await kling.list_tasks(0, 1)
+
+
+async def test_an_unanswered_listing_is_repeated_though_it_is_a_post() -> None:
+    """A listing only reads, so it is retried like a GET; a create POST still is not."""
+    failures = [2]
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        if failures[0]:
+            failures[0] -= 1
+            raise httpx.ConnectError("connection refused", request=request)
+        return kling_answer({"result": [{"id": "t1"}], "next_cursor": "", "count": 1})
+
+    kling, seen = client(flaky, attempts=3)
+    async with kling:
+        page = await kling.list_tasks(0, 1)
+        assert page.tasks == [{"id": "t1"}]
+        assert [r.method for r in seen] == ["POST"] * 3
+        failures[0] = 2
+        with pytest.raises(KlingUnavailable):
+            await kling.create(T26, {"prompt": "p"})
+    assert len(seen) == 4

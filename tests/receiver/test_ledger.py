@@ -29,8 +29,8 @@ from receiver.models import (
     CallbackRef,
     Source,
     TaskStatus,
-    parse_task,
 )
+from receiver.shapes import parse_task
 from tests.support import fixture_bytes, fixture_json
 
 pytestmark = pytest.mark.anyio
@@ -556,6 +556,43 @@ async def test_unopenable_database_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(LedgerUnavailable, match="cannot open the database"):
         async with open_ledger(f"sqlite:///{tmp_path}/file/l.db"):
             pass
+
+
+async def test_assets_of_a_version_3_database_survive_the_variant_migration(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Migration 4 rebuilds the assets table: every row keeps its state, as variant ''."""
+    conn = sqlite3.connect(tmp_path / "l.db", isolation_level=None)
+    try:
+        for number, statements in enumerate(MIGRATIONS[:3], start=1):
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number:d}")
+        now = utc_now()
+        conn.execute(
+            "INSERT INTO tasks (task_id, action, status, created_at, updated_at) "
+            "VALUES ('t-old', 'videos/text2video', 'succeed', ?, ?)",
+            (now, now),
+        )
+        conn.execute(
+            "INSERT INTO assets (task_pk, kind, idx, url, state, sha256, created_at, updated_at) "
+            "VALUES (1, 'video', 0, 'https://cdn.example/0.mp4', 'stored', 'ab', ?, ?)",
+            (now, now),
+        )
+    finally:
+        conn.close()
+
+    async with open_ledger(db_url) as ledger:
+        task = await ledger.task("t-old")
+    assert task is not None
+    (asset,) = task.assets
+    assert (asset.kind, asset.index, asset.variant, asset.group_id) == (
+        AssetKind.video,
+        0,
+        "",
+        None,
+    )
+    assert (asset.state, asset.sha256) == (AssetState.stored, "ab")
 
 
 async def test_migrations_leave_a_current_wal_database(db_url: str, tmp_path: Path) -> None:

@@ -87,3 +87,43 @@ def test_an_asset_not_yet_stored_has_no_link(settings: Settings) -> None:
         answer = client.get(f"/api/tasks/{data['task_id']}/assets/0/url", headers=ADMIN)
     assert answer.status_code == 409
     assert answer.json()["error"] == "not_stored" and "pending" in answer.json()["message"]
+
+
+def test_the_link_of_one_file_among_an_outputs_several_names_kind_and_variant(
+    settings: Settings, media: MediaServer
+) -> None:
+    """An audio output's mp3 and wav share index 0: each gets its link by `variant`."""
+    files = {"mp3": b"ID3 mp3 bytes " * 300, "wav": b"RIFF wav bytes " * 300}
+    mp3 = media.add("/a.mp3", files["mp3"])
+    wav = media.add("/a.wav", files["wav"])
+    video = media.add("/v.mp4", b"video bytes " * 300)
+    task_id = "913827032734650009"
+    outputs = [
+        {"type": "video", "id": "v", "url": video},
+        {"type": "audio", "id": "a", "mp3_url": mp3, "wav_url": wav},
+    ]
+    body = {"id": task_id, "status": "succeeded", "outputs": outputs}
+    updated = settings.model_copy(
+        update={"download_concurrency": 1, "allow_private_downloads": True}
+    )
+    path = tokens.callback_path(
+        settings.secret("callback_secret"), tokens.new_channel_ref(), "text-to-video/kling-2.6"
+    )
+    with TestClient(create_app(updated)) as client:
+        assert client.post(path, content=json.dumps(body)).status_code == 200
+        wait_for(
+            lambda: client.get(f"/api/tasks/{task_id}", headers=ADMIN).json()["archived"],
+            "the task to be archived",
+        )
+        base = f"/api/tasks/{task_id}/assets/0/url"
+        main = client.get(base, headers=ADMIN)  # the one file at index 0 without a variant
+        assert client.get(urlsplit(main.json()["url"]).path).content == b"video bytes " * 300
+        vague = client.get(base + "?kind=audio", headers=ADMIN)
+        assert vague.status_code == 400
+        message = vague.json()["message"]
+        assert "kind=audio&variant=mp3" in message and "kind=audio&variant=wav" in message
+        for variant, content in files.items():
+            answer = client.get(f"{base}?kind=audio&variant={variant}", headers=ADMIN)
+            assert answer.status_code == 200, answer.text
+            served = client.get(urlsplit(answer.json()["url"]).path)
+            assert served.content == content

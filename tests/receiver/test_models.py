@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from receiver.models import AssetKind, AssetSpec, PayloadError, TaskStatus, parse_task
+from receiver.models import AssetKind, AssetSpec, PayloadError, TaskStatus
+from receiver.shapes import parse_task
 from tests.support import FIXTURES, fixture_json
 
 CALLBACKS = sorted(path.name for path in FIXTURES.glob("callback_*.json"))
@@ -44,9 +45,11 @@ def test_every_callback_fixture_parses(name: str) -> None:
     """Every sample callback parses, keeping its task id and status word."""
     data = fixture_json(name)
     task = parse_task(data)
-    assert task.task_id == data["task_id"]
-    assert task.task_status == data["task_status"]
-    assert task.status is TaskStatus(data["task_status"])
+    inner = data.get("data", data)
+    assert task.task_id == inner.get("task_id", inner.get("id"))
+    word = inner.get("task_status", inner.get("status"))
+    assert task.task_status == word
+    assert task.status is TaskStatus.parse(word)
 
 
 @pytest.mark.parametrize("name", ["create_response.json", "query_response_succeed.json"])
@@ -74,20 +77,26 @@ def test_succeed_fixture_fields() -> None:
     ]
 
 
-def test_unknown_fields_are_kept() -> None:
-    """Fields Kling adds later are kept on the task and its parts, not dropped."""
+def test_unknown_fields_do_not_stop_a_task() -> None:
+    """Fields Kling adds later are no reason to refuse; the raw body keeps them for the event."""
     task = parse_task(fixture_json("callback_future_fields.json"))
-    extra = task.model_extra or {}
-    assert extra["final_unit_deduction"] == "2"
-    assert extra["final_balance_deduction"] == {"quota": "2", "list_price": "0.28"}
-    assert extra["watermark_info"] == {"enabled": True}
-    assert task.task_result is not None and task.task_result.videos
-    video = task.task_result.videos[0]
-    assert video.watermark_url is not None and video.watermark_url.endswith("_wm_video_1.mp4")
-
+    assert task.status is TaskStatus.succeed
+    assert [spec.url.rsplit("/", 1)[1] for spec in task.assets()] == [
+        "867283741759111500-0_raw_video_1.mp4"
+    ]
     nested = parse_task(task_body(task_info={"external_task_id": "e1", "new_thing": [1, 2]}))
-    assert nested.task_info is not None
-    assert (nested.task_info.model_extra or {})["new_thing"] == [1, 2]
+    assert nested.external_task_id == "e1"
+
+
+def test_watermarked_copies_are_separate_assets_on_request() -> None:
+    """`watermark_url` names a second file of the same index, kept only when asked for."""
+    task = parse_task(fixture_json("callback_future_fields.json"))
+    both = task.assets(watermarked=True)
+    assert [(spec.kind, spec.index, spec.variant) for spec in both] == [
+        (AssetKind.video, 0, ""),
+        (AssetKind.video, 0, "watermarked"),
+    ]
+    assert both[1].url.endswith("_wm_video_1.mp4")
 
 
 def test_task_info_and_result_may_be_missing() -> None:

@@ -13,9 +13,10 @@ import pytest
 from receiver._clock import utc_now
 from receiver.kling import KlingClient, client_for
 from receiver.ledger import Ledger, Outcome, Update, open_ledger
-from receiver.models import CallbackRef, Source, TaskStatus, parse_task
+from receiver.models import CallbackRef, Source, TaskStatus
 from receiver.poller import Poller
 from receiver.settings import Settings
+from receiver.shapes import parse_task
 from tests.fake_kling import FakeKling, result
 from tests.support import (
     KLING_API_KEY,

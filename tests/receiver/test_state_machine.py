@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from receiver._clock import utc_now
 from receiver.ledger import StateKey, Update, moves_forward, open_ledger
-from receiver.models import AssetRecord, CallbackRef, Source, TaskStatus, parse_task
+from receiver.models import AssetRecord, CallbackRef, Source, TaskStatus
+from receiver.shapes import parse_task
 
 TERMINAL = [TaskStatus.succeed, TaskStatus.failed]
 REF = CallbackRef("x-kr_prop", "videos/text2video")

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from receiver import tokens
 from receiver.app import create_app
 from receiver.settings import Settings
-from receiver.submit import MAX_PROMPT, SubmitError, check_params
+from receiver.submit import MAX_PROMPT, SubmitError, check_params, create_body
 from tests.fake_kling import FakeKling
 from tests.support import (
     ADMIN_TOKEN,
@@ -309,3 +309,123 @@ def test_kling_trouble_that_outlasts_the_retries_leaves_the_submission_to_reconc
     again, replay = post(client, GOOD, key="busy-1")
     assert (again, replay["error"]) == (409, "submission_in_progress")
     assert len(kling.creates()) == 5
+
+
+# -- the current standard: `settings` and `options`, durations as integers ------------------
+
+T26 = "text-to-video/kling-2.6"
+GOOD_NEW = {
+    "prompt": "a red fox in the snow",
+    "settings": {"duration": 5, "aspect_ratio": "16:9"},
+    "options": {"watermark_info": {"enabled": False}},
+}
+
+
+@pytest.mark.parametrize(
+    ("params", "sentence"),
+    [
+        (GOOD_NEW | {"settings": {"duration": "5"}}, "settings.duration must be an integer"),
+        (GOOD_NEW | {"settings": {"duration": True}}, "settings.duration must be an integer"),
+        (GOOD_NEW | {"settings": {"duration": 5.0}}, "settings.duration must be an integer"),
+        (
+            GOOD_NEW | {"options": {"callback_url": "https://elsewhere.example/hook"}},
+            "options.callback_url is set by the service",
+        ),
+        (
+            GOOD_NEW | {"options": {"external_task_id": "mine-1"}},
+            "options.external_task_id is set by the service",
+        ),
+        (
+            GOOD_NEW | {"callback_url": "https://elsewhere.example/hook"},
+            "callback_url is set by the service",
+        ),
+        (GOOD_NEW | {"external_task_id": "mine-1"}, "external_task_id is set by the service"),
+        (GOOD_NEW | {"options": "watermark"}, "options must be a JSON object"),
+        (GOOD_NEW | {"settings": [5]}, "settings must be a JSON object"),
+        (GOOD_NEW | {"prompt": "x" * (MAX_PROMPT + 1)}, "prompt must be text"),
+    ],
+    ids=[
+        "duration-text",
+        "duration-bool",
+        "duration-float",
+        "options-callback-url",
+        "options-external-task-id",
+        "top-callback-url",
+        "top-external-task-id",
+        "options-not-object",
+        "settings-not-object",
+        "prompt-2501",
+    ],
+)
+def test_current_standard_params_are_checked_in_their_own_shape(
+    params: dict[str, Any], sentence: str
+) -> None:
+    """The new standard nests fields in settings/options and wants an int duration."""
+    with pytest.raises(SubmitError) as refused:
+        check_params(T26, params)
+    assert (refused.value.status_code, refused.value.code) == (422, "bad_params")
+    assert sentence in refused.value.message
+
+
+def test_each_standard_takes_the_duration_in_its_own_type() -> None:
+    """An int is right for settings.duration and wrong for the old top-level duration."""
+    assert check_params(T26, GOOD_NEW) == (T26, GOOD_NEW)
+    assert check_params(T26, {"prompt": "p"}) == (T26, {"prompt": "p"})
+    assert check_params(T2V, GOOD) == (T2V, GOOD)
+    with pytest.raises(SubmitError, match="string of digits"):
+        check_params(T2V, GOOD | {"duration": 5})
+
+
+def test_the_create_body_puts_our_fields_where_each_standard_wants_them() -> None:
+    """Options (new) keep the caller's own entries; the old standard takes them at the top."""
+    ours = ("https://receiver.example/cb/x", "kr-1")
+    assert create_body(T26, GOOD_NEW, *ours) == {
+        "prompt": "a red fox in the snow",
+        "settings": {"duration": 5, "aspect_ratio": "16:9"},
+        "options": {
+            "watermark_info": {"enabled": False},
+            "callback_url": "https://receiver.example/cb/x",
+            "external_task_id": "kr-1",
+        },
+    }
+    assert GOOD_NEW["options"] == {"watermark_info": {"enabled": False}}  # not mutated
+    assert create_body(T26, {"prompt": "p"}, *ours) == {
+        "prompt": "p",
+        "options": {"callback_url": "https://receiver.example/cb/x", "external_task_id": "kr-1"},
+    }
+    assert create_body(T2V, GOOD, *ours) == GOOD | {
+        "callback_url": "https://receiver.example/cb/x",
+        "external_task_id": "kr-1",
+    }
+
+
+def test_a_current_standard_submission_goes_to_the_model_path_with_options(
+    app: App, kling: FakeKling
+) -> None:
+    """Kling gets `POST {base}/text-to-video/kling-2.6` with our URL and id under options."""
+    client = app()
+    settings: Settings = client.app.state.settings  # type: ignore[attr-defined]
+    status, task = post(client, GOOD_NEW, action=T26)
+
+    assert status == 201, task
+    (create,) = kling.creates()
+    assert create.path == "/kling/text-to-video/kling-2.6"
+    sent = dict(create.body)
+    options = dict(sent.pop("options"))
+    external, callback_url = options.pop("external_task_id"), options.pop("callback_url")
+    assert sent == {k: v for k, v in GOOD_NEW.items() if k != "options"}
+    assert options == GOOD_NEW["options"]
+    assert external.startswith("kr-")
+    ref, sig, *action = urlsplit(callback_url).path.split("/")[3:]
+    assert tokens.verify(settings.secret("callback_secret"), ref, sig, "/".join(action)) == (
+        tokens.CallbackRef(f"x-{external}", T26)
+    )
+    fake_task = kling.by_external(external)
+    assert fake_task.callback_url == callback_url
+    assert (task["task_id"], task["status"], task["external_task_id"], task["action"]) == (
+        fake_task.task_id,
+        "submitted",
+        external,
+        T26,
+    )
+    assert [t["task_id"] for t in listed(client)] == [fake_task.task_id]

@@ -106,7 +106,7 @@ def test_malformed_refs_are_refused(ref: str) -> None:
 def test_malformed_actions_are_refused(action: str) -> None:
     """An action that is not action/action2 cannot be put in a URL nor verified."""
     ref = tokens.task_ref("t1")
-    with pytest.raises(ValueError, match="action must look like"):
+    with pytest.raises(ValueError, match="action must be an old-standard"):
         tokens.callback_path(SECRET, ref, action)
     _, sig, _ = split(tokens.callback_path(SECRET, ref))
     assert tokens.verify(SECRET, ref, sig, action) is None

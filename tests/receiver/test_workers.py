@@ -29,9 +29,9 @@ from receiver.models import (
     PayloadError,
     Source,
     TaskRecord,
-    parse_task,
 )
 from receiver.settings import Settings
+from receiver.shapes import parse_task
 from receiver.workers import Downloader, asset_stem, downloader_for
 from storage import LocalSink, LocalWriter, SinkError, UrlPolicy
 from tests.media_server import Cut, MediaServer, Serve, Short, Status
