@@ -1,4 +1,4 @@
-"""The task commands of `kling-receiver`: submit, track, status, tasks, retry.
+"""The task commands of `kling-receiver`: submit, track, sweep, status, tasks, retry.
 
 Each opens the same ledger (and Kling client) the service uses and calls the
 same code the API does; nothing here decides anything of its own.
@@ -21,6 +21,7 @@ from receiver.poller import poll_after, update_from_reply
 from receiver.routes.api import task_json
 from receiver.settings import ConfigError, Settings
 from receiver.submit import SubmitError, submit
+from receiver.sweep import Tally, now_ms, sweep
 
 __all__ = ["add_task_commands"]
 
@@ -45,6 +46,18 @@ def add_task_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     adopt.add_argument("action")
     adopt.add_argument("task_id")
     adopt.set_defaults(handler=_track)
+
+    backfill = commands.add_parser(
+        "sweep", help="adopt the account's succeeded tasks that the ledger does not know"
+    )
+    backfill.add_argument(
+        "--since",
+        type=_age,
+        default="30d",
+        metavar="AGE",
+        help="list tasks created this long ago or later: 30d, 12h, 90m (default 30d)",
+    )
+    backfill.set_defaults(handler=_sweep)
 
     show = commands.add_parser("status", help="show one task")
     show.add_argument("task_id")
@@ -135,6 +148,46 @@ def _track(settings: Settings, args: argparse.Namespace) -> int:
         task = await ledger.task(args.task_id)
         assert task is not None
         print(("now tracking " if new else "already known; polling again: ") + _summary(task))
+        return 0
+
+    return _run_with_kling(settings, work)
+
+
+def _age(text: str) -> int:
+    """Milliseconds in an age such as 30d, 12h or 90m."""
+    units = {"d": 86_400_000, "h": 3_600_000, "m": 60_000}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units or not number.isdigit():
+        raise argparse.ArgumentTypeError(f"an age is a whole number and d, h or m: {text!r}")
+    return int(number) * units[unit]
+
+
+def _sweep(settings: Settings, args: argparse.Namespace) -> int:
+    interactive = sys.stderr.isatty()
+
+    def progress(tally: Tally) -> None:
+        of = f" of {tally.total}" if tally.total is not None else ""
+        line = f"swept {tally.seen}{of} tasks: {tally.adopted} adopted, {tally.known} known"
+        print(
+            ("\r" + line) if interactive else line,
+            end="" if interactive else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    async def work(ledger: Ledger, client: KlingClient) -> int:
+        end = now_ms()
+        try:
+            tally = await sweep(ledger, client, settings, end - args.since, end, progress=progress)
+        except KlingError as exc:
+            print(f"\nkling-receiver: the sweep stopped: {exc}", file=sys.stderr)
+            return 1
+        if interactive:
+            print(file=sys.stderr)
+        print(
+            f"{tally.seen} tasks seen, {tally.adopted} adopted, {tally.known} already known"
+            + (f", {tally.unreadable} unreadable" if tally.unreadable else "")
+        )
         return 0
 
     return _run_with_kling(settings, work)

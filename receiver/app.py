@@ -24,6 +24,7 @@ from receiver.routes import api, callbacks, files
 from receiver.routes._responses import error, http_error
 from receiver.settings import Settings
 from receiver.stats import Stats
+from receiver.sweep import Sweeper
 from receiver.webhooks import WebhookKey
 from receiver.workers import downloader_for, sink_for
 
@@ -134,12 +135,18 @@ def create_app(settings: Settings) -> Starlette:
                     on_files=downloader.wake if downloader is not None else None,
                 )
                 background.append(group.create_task(app.state.poller.run(), name="poller"))
+                if settings.sweep_interval:
+                    sweeper = Sweeper(
+                        ledger, app.state.kling, settings, on_files=app.state.poller.on_files
+                    )
+                    background.append(group.create_task(sweeper.run(), name="sweep"))
             log.info(
                 "ready",
                 extra={
                     "public_url": settings.public_url,
                     "downloads": settings.download_concurrency,
                     "polling": settings.kling_configured,
+                    "sweep_interval": settings.sweep_interval if settings.kling_configured else 0,
                     "verify_callbacks": settings.verify,
                 },
             )

@@ -330,6 +330,14 @@ class Ledger(Protocol):
         """Schedule every unfinished task for a query now: callbacks missed while down."""
         ...
 
+    async def mark(self, name: str) -> str | None:
+        """A named bookmark of periodic work (where the last sweep ended), or None if unset."""
+        ...
+
+    async def set_mark(self, name: str, value: str) -> None:
+        """Move a named bookmark; it survives restarts."""
+        ...
+
     async def stats(self) -> dict[str, int]:
         """Durable counters: polls made, verifications, tasks whose end was learned by polling."""
         ...

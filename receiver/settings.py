@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     submit_reconcile_after: float = Field(default=300.0, gt=0)
     kling_retry_base_seconds: float = Field(default=1.0, ge=0)
     archive_watermarked: bool = False
+    sweep_interval: float = Field(default=3600.0, ge=0)
     log_level: str = "INFO"
 
     # Names of the secrets that came from the generated file rather than the environment.

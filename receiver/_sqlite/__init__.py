@@ -145,6 +145,19 @@ class SQLiteLedger(Engine):
     async def poll_everything_in_flight(self) -> int:
         return await self.write(polls.poll_everything_in_flight)
 
+    async def mark(self, name: str) -> str | None:
+        def op(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT value FROM marks WHERE name = ?", (name,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self.read(op)
+
+    async def set_mark(self, name: str, value: str) -> None:
+        upsert = """INSERT INTO marks (name, value, updated_at) VALUES (?, ?, ?)
+                    ON CONFLICT (name) DO UPDATE SET value = excluded.value,
+                                                     updated_at = excluded.updated_at"""
+        await self.write(lambda conn: conn.execute(upsert, (name, value, utc_now())))
+
     async def stats(self) -> dict[str, int]:
         return await self.read(polls.stats)
 

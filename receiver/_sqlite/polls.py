@@ -148,6 +148,7 @@ def stats(conn: sqlite3.Connection) -> dict[str, int]:
         """SELECT coalesce(sum(polls), 0) AS polls,
                   coalesce(sum(verifications), 0) AS verifications,
                   coalesce(sum(terminal_source = 'poll'), 0) AS recovered_by_polling,
+                  coalesce(sum(terminal_source = 'sweep'), 0) AS recovered_by_sweep,
                   coalesce(sum(flag IS NOT NULL), 0) AS flagged
            FROM tasks"""
     ).fetchone()

@@ -1,5 +1,5 @@
 """End to end with Kling's current API standard: model-path creates, TASK2 callbacks with every
-output type and batch queries, through the real service process.
+output type, batch queries, and the account sweep, through the real service process.
 
 The service talks to the fake Kling over loopback (`tests/fake_kling.py`), which signs its
 callbacks per Standard Webhooks when it has a secret, and serves result files from the
@@ -9,7 +9,9 @@ media server.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fake_kling import CONSOLE_TEST_ID, MAX_BATCH, FakeKling
+from tests.fake_kling import CONSOLE_TEST_ID, MAX_BATCH, FakeKling, now_ms
 from tests.media_server import MediaServer
-from tests.support import Service, kling_env, wait_for
+from tests.support import Service, json_lines, kling_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +34,7 @@ DAY_MS = 86_400_000
 
 @pytest.fixture
 def spawn(services: Callable[..., Service], kling: FakeKling) -> Callable[..., Service]:
-    """A service that submits to and polls the fake Kling, downloading from loopback."""
+    """A service that submits to, polls and sweeps the fake Kling, downloading from loopback."""
     defaults = kling_env(kling.base_url) | {
         "DOWNLOAD_CONCURRENCY": "4",
         "POLL_AFTER": "3600",
@@ -190,3 +192,68 @@ def test_a_lost_submission_answer_is_reconciled_by_external_id(
     kling.advance(made.task_id, "succeed")
     wait_for(service.archived(made.task_id), "the reconciled task to be archived", timeout=30)
     assert any("external_task_ids" in q.query for q in kling.batch_queries())
+
+
+def sweeps(service: Service) -> list[dict[str, Any]]:
+    return [e for e in json_lines(service.log()) if e.get("message") == "sweep"]
+
+
+def test_the_sweep_adopts_a_task_only_the_listing_knows(
+    spawn: Callable[..., Service], kling: FakeKling
+) -> None:
+    """Made by another tool, its callback never here: archived by the sweep, once."""
+    service = spawn(SWEEP_INTERVAL="0.5")
+    before_first_start = kling.add_task(T2V, created_at=now_ms() - 3 * DAY_MS)
+    kling.advance(before_first_start.task_id, "succeed")
+    time.sleep(1)  # the first pass only marks where sweeping begins
+    elsewhere = kling.add_task(T2V)
+    kling.advance(elsewhere.task_id, "succeed", outputs=["video", "audio"])
+
+    wait_for(service.archived(elsewhere.task_id), "the swept task to be archived", timeout=30)
+    task = service.task(elsewhere.task_id)
+    assert task["learned_from"] == "sweep"
+    assert len(task["assets"]) == 3
+    adopting = len(sweeps(service))
+    wait_for(lambda: len(sweeps(service)) >= adopting + 2, "two more sweeps")
+    adopted = [entry["adopted"] for entry in sweeps(service)]
+    assert sorted(adopted)[-2:] == [0, 1] and sum(adopted) == 1, adopted
+    assert adopted.index(1) < len(adopted) - 2  # and the sweeps after it adopted nothing
+    # Older than the first start: left to an explicit backfill.
+    assert service.api(f"/api/tasks/{before_first_start.task_id}").status_code == 404
+
+    bodies = [r.body for r in kling.listings()]
+    assert all(b["filters"] == [{"key": "status", "values": ["succeeded"]}] for b in bodies)
+    for earlier, later in itertools.pairwise(bodies):
+        assert later["start_time"] <= earlier["end_time"]  # windows overlap, never gap
+
+    # The window is durable: after a restart, sweeping goes on from where it ended.
+    last_end = bodies[-1]["end_time"]
+    service.restart()
+    wait_for(lambda: len(kling.listings()) > len(bodies), "a sweep after the restart")
+    resumed = kling.listings()[len(bodies)].body
+    assert last_end - 7 * 3_600_000 < resumed["start_time"] <= last_end
+
+
+def test_sweep_command_backfills_with_a_summary(
+    spawn: Callable[..., Service], kling: FakeKling
+) -> None:
+    """`kling-receiver sweep --since 30d` adopts older tasks; run again, it adopts nothing."""
+    service = spawn()
+    old = [kling.add_task(T2V, created_at=now_ms() - days * DAY_MS) for days in (2, 10, 29)]
+    for task in old:
+        kling.advance(task.task_id, "succeed")
+    kling.add_task(T2V, created_at=now_ms() - 40 * DAY_MS)  # outside the window
+    kling.add_task(T2V)  # not succeeded: not listed
+
+    first = service.cli("sweep", "--since", "30d")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "3 tasks seen, 3 adopted, 0 already known"
+    assert "swept 3 of 3 tasks" in first.stderr
+    for task in old:
+        wait_for(service.archived(task.task_id), "a backfilled task to be archived")
+
+    again = service.cli("sweep", "--since", "30d")
+    assert again.stdout.strip() == "3 tasks seen, 0 adopted, 3 already known"
+
+    bad = service.cli("sweep", "--since", "a month")
+    assert bad.returncode == 2 and "whole number and d, h or m" in bad.stderr

@@ -97,6 +97,7 @@ def test_callbacks_take_a_submitted_task_to_archived_without_a_poll(
         "polls": 0,
         "verifications": verifications,
         "recovered_by_polling": 0,
+        "recovered_by_sweep": 0,
         "flagged": 0,
     }
     assert found["polls"] == 0

@@ -562,6 +562,7 @@ def stats(client: TestClient) -> dict[str, dict[str, int]]:
         "polls",
         "verifications",
         "recovered_by_polling",
+        "recovered_by_sweep",
         "flagged",
     }
     return counters

@@ -185,6 +185,7 @@ async def test_a_held_succeed_is_confirmed_by_one_verification_not_a_poll(
         "polls": 0,
         "verifications": 1,
         "recovered_by_polling": 0,
+        "recovered_by_sweep": 0,
         "flagged": 0,
     }
     assert len(kling.queries(task_id)) == 1
