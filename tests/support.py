@@ -233,6 +233,18 @@ class Service:
         """GET an admin API path of this service."""
         return httpx.get(self.base_url + path, params=params, headers=self.admin, trust_env=False)
 
+    def submit(self, action: str, params: dict[str, Any]) -> str:
+        """POST /api/tasks; the new task's id."""
+        response = httpx.post(
+            self.base_url + "/api/tasks",
+            json={"action": action, "params": params},
+            headers=self.admin,
+            trust_env=False,
+        )
+        assert response.status_code == 201, response.text
+        task_id: str = response.json()["task_id"]
+        return task_id
+
     def task(self, task_id: str) -> dict[str, Any]:
         """The task's JSON from the API; it must exist."""
         response = self.api(f"/api/tasks/{task_id}")

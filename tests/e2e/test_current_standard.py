@@ -43,18 +43,6 @@ def spawn(services: Callable[..., Service], kling: FakeKling) -> Callable[..., S
     return lambda **env: services(env=defaults | env)
 
 
-def submit(service: Service, params: dict[str, Any] = PARAMS, action: str = T2V) -> str:
-    response = httpx.post(
-        service.base_url + "/api/tasks",
-        json={"action": action, "params": params},
-        headers=service.admin,
-        trust_env=False,
-    )
-    assert response.status_code == 201, response.text
-    task_id: str = response.json()["task_id"]
-    return task_id
-
-
 def listed(service: Service, **filters: str) -> list[dict[str, Any]]:
     """Up to 200 of the service's tasks, filtered as `GET /api/tasks` filters."""
     response = service.api("/api/tasks", limit="200", **filters)
@@ -99,7 +87,7 @@ def test_a_current_standard_task_is_submitted_called_back_and_every_output_store
     """A video, two grouped images and an audio output: five files, sha256 checked, archived."""
     kling.webhook_secret = SECRET
     service = spawn(KLING_WEBHOOK_SECRET=SECRET)
-    task_id = submit(service)
+    task_id = service.submit(T2V, PARAMS)
 
     (create,) = kling.creates()
     assert create.path == "/kling/" + T2V
@@ -136,7 +124,7 @@ def test_watermarked_copies_are_archived_only_when_asked(
     spawn: Callable[..., Service], kling: FakeKling
 ) -> None:
     service = spawn(ARCHIVE_WATERMARKED="true", VERIFY_CALLBACKS="false")
-    task_id = submit(service)
+    task_id = service.submit(T2V, PARAMS)
     kling.advance(task_id, "succeed", outputs=["video", "image"], watermarked=True)
     assert kling.send_callback(task_id) == 200
     wait_for(service.archived(task_id), "the task to be archived")
@@ -154,7 +142,7 @@ def test_quiet_current_standard_tasks_are_polled_fifty_to_a_request(
     """200 tasks whose callbacks never come: one poll round costs at most 10 requests."""
     service = spawn(DOWNLOAD_CONCURRENCY="8")
     with ThreadPoolExecutor(8) as pool:
-        task_ids = list(pool.map(lambda _: submit(service), range(200)))
+        task_ids = list(pool.map(lambda _: service.submit(T2V, PARAMS), range(200)))
     service.stop()
     for task_id in task_ids:
         kling.advance(task_id, "succeed")

@@ -42,19 +42,6 @@ def spawn(services: Callable[..., Service], kling: FakeKling) -> Callable[..., S
     return lambda **env: services(env=defaults | env)
 
 
-def submit(service: Service, params: dict[str, Any] = PARAMS, action: str = T2V) -> str:
-    """POST /api/tasks; the new task's id."""
-    response = httpx.post(
-        service.base_url + "/api/tasks",
-        json={"action": action, "params": params},
-        headers=service.admin,
-        trust_env=False,
-    )
-    assert response.status_code == 201, response.text
-    task_id: str = response.json()["task_id"]
-    return task_id
-
-
 def stats(service: Service) -> dict[str, Any]:
     response = httpx.get(service.base_url + "/api/stats", headers=service.admin, trust_env=False)
     assert response.status_code == 200, response.text
@@ -81,7 +68,7 @@ def test_callbacks_take_a_submitted_task_to_archived_without_a_poll(
 ) -> None:
     """Submitted, processing and succeed callbacks: archived, no poll; a check only if verifying."""
     service = spawn(VERIFY_CALLBACKS=verify)
-    task_id = submit(service)
+    task_id = service.submit(T2V, PARAMS)
 
     kling.advance(task_id)
     assert kling.send_callback(task_id) == 200
@@ -110,7 +97,7 @@ def test_without_callbacks_polling_finds_the_end_and_the_task_is_archived(
 ) -> None:
     """No callback at all: quiet for POLL_AFTER, the task is polled until it ends, then archived."""
     service = spawn()
-    task_id = submit(service, {"prompt": "three cats"}, IMAGES)
+    task_id = service.submit(IMAGES, {"prompt": "three cats"})
 
     kling.advance(task_id)
     wait_for(lambda: service.task(task_id)["status"] == "processing", "a poll to see processing")
@@ -131,7 +118,7 @@ def test_callbacks_for_the_end_alone_are_enough(
 ) -> None:
     """Only terminal callbacks: a succeed is archived and a failure recorded with its message."""
     service = spawn()
-    done, broken = submit(service), submit(service)
+    done, broken = service.submit(T2V, PARAMS), service.submit(T2V, PARAMS)
 
     kling.advance(done, "processing")
     kling.advance(done, "succeed")
@@ -153,7 +140,7 @@ def test_duplicated_callbacks_download_each_file_once(
 ) -> None:
     """The succeed three times and a late processing: one confirmation, one fetch per file."""
     service = spawn(POLL_AFTER="60")  # a confirmation put off by the duplicates would time out
-    task_id = submit(service)
+    task_id = service.submit(T2V, PARAMS)
     kling.advance(task_id)
     processing = kling.task(task_id).as_json()
     kling.advance(task_id, files=2)
@@ -173,7 +160,7 @@ def test_a_forged_succeed_gives_way_to_the_apis_files_and_flags_the_task(
 ) -> None:
     """A succeed through the task's own URL naming other files: Kling's API's files are stored."""
     service = spawn()
-    task_id = submit(service)
+    task_id = service.submit(T2V, PARAMS)
     real = kling.advance(task_id, "succeed")
     planted = kling.add_file("/planted/0")
     forged = real.as_json() | {"task_result": result(task_id, T2V, [planted])}
@@ -193,7 +180,7 @@ def test_a_forged_succeed_while_kling_says_processing_is_not_believed(
 ) -> None:
     """Kling's API says processing: no assets, not succeed, flagged; the real end still archives."""
     service = spawn()
-    task_id = submit(service)
+    task_id = service.submit(T2V, PARAMS)
     kling.advance(task_id)
     planted = kling.add_file("/planted/1")
     forged = kling.task(task_id).as_json() | {
@@ -237,7 +224,7 @@ def test_tasks_in_flight_when_the_service_is_killed_are_archived_after_restart(
 ) -> None:
     """SIGKILL, callbacks sent to the dead port are lost: the start-up check finds every end."""
     service = spawn(POLL_AFTER="60")  # only the check at start-up can find them in time
-    task_ids = [submit(service) for _ in range(3)]
+    task_ids = [service.submit(T2V, PARAMS) for _ in range(3)]
     kling.advance(task_ids[0])
     assert kling.send_callback(task_ids[0]) == 200
 
@@ -337,7 +324,7 @@ def test_polling_gives_up_on_a_task_that_never_ends_and_says_why(
 ) -> None:
     """Past POLL_GIVE_UP_HOURS the task is no longer queried, and status_msg tells what to do."""
     service = spawn(POLL_GIVE_UP_HOURS="0.0003")  # about a second
-    task_id = submit(service)
+    task_id = service.submit(T2V, PARAMS)
     kling.advance(task_id)
 
     def gave_up() -> bool:
