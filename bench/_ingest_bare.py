@@ -34,12 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from receiver.cli import server_config
+    from receiver.settings import Settings
 
     parser = argparse.ArgumentParser(prog="python -m bench._ingest_bare")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     options = parser.parse_args(argv)
-    server = uvicorn.Server(server_config(app, options.host, options.port))  # as `serve` runs
+    server = uvicorn.Server(
+        server_config(app, Settings(host=options.host, port=options.port))
+    )  # as `serve` runs
     server.run()
     return 0 if server.started else 1
 

@@ -25,18 +25,28 @@ __all__ = ["main"]
 log = logging.getLogger("receiver.cli")
 
 
-def server_config(app: Any, host: str, port: int) -> uvicorn.Config:
+def server_config(app: Any, settings: Settings) -> uvicorn.Config:
     """How `serve` runs an ASGI app (the ingest benchmark serves its baseline the same way).
 
     Logging stays ours (JSON lines); the access log is off because callback paths
-    carry their token.
+    carry their token. Requests are read under the deadlines and connection cap of
+    `receiver._server`.
     """
     import uvicorn
 
+    from receiver._server import ConnectionGuard, guarded_protocol, open_file_budget
+
+    guard = ConnectionGuard(
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        max_connections=settings.max_connections or open_file_budget(),
+    )
     return uvicorn.Config(
         app,
-        host=host,
-        port=port,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_protocol(guard),
+        backlog=guard.backlog,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=30,
@@ -59,7 +69,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
                 "file": str(settings.secrets_path.resolve()),
             },
         )
-    server = uvicorn.Server(server_config(create_app(settings), settings.host, settings.port))
+    server = uvicorn.Server(server_config(create_app(settings), settings))
     # After draining, uvicorn restores the previous handlers and raises the stop signal
     # again; without these, SIGTERM would end a clean shutdown with "killed by SIGTERM".
     for stop_signal in (signal.SIGINT, signal.SIGTERM):

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    header_timeout: float = Field(default=10.0, gt=0)
+    body_timeout: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=0, ge=0)  # 0: as many as the open-file limit allows
     public_url: str = ""
     data_dir: Path = Path("data")
     database_url: str = ""

@@ -41,6 +41,10 @@ KEPT_HEADERS = frozenset(
 )
 
 
+# The most of a too-large body read anyway, so that its sender can read the 413.
+_DRAIN_BYTES = 16 << 20
+
+
 class _TooLarge(Exception):
     pass
 
@@ -197,9 +201,15 @@ async def receive(request: Request) -> Response:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing early when it is (or says it will be) over `limit` bytes."""
+    """The body, refusing early when it is (or says it will be) over `limit` bytes.
+
+    A refused body of up to `_DRAIN_BYTES` is read to its end first: a connection closed
+    with bytes unread is reset, and the sender would lose the 413 before reading it.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        if declared.isdigit() and int(declared) <= _DRAIN_BYTES:
+            await _drain(request, _DRAIN_BYTES)
         raise _TooLarge
     # Read the ASGI messages directly (as Request.stream would): most bodies arrive whole
     # in the first one, which is then taken as it is.
@@ -214,6 +224,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
+            if message.get("more_body", False):
+                await _drain(request, _DRAIN_BYTES - size)
             raise _TooLarge
         parts.append(chunk)
         if not message.get("more_body", False):
@@ -262,3 +274,14 @@ def direct(scope: Scope) -> Callable[[Request], Awaitable[Response]] | None:
 
 
 routes = [*_DELIVERY_ROUTES, Route("/callbacks/{rest:path}", unknown, methods=["POST"])]
+
+
+async def _drain(request: Request, budget: int) -> None:
+    """Read and drop the rest of a body, up to `budget` bytes (the server bounds the time)."""
+    while budget > 0:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
