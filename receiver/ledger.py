@@ -48,6 +48,7 @@ __all__ = [
     "contradiction",
     "moves_forward",
     "open_ledger",
+    "yields_to",
 ]
 
 
@@ -222,17 +223,39 @@ def contradiction(claimed: KlingTask, confirmed: KlingTask) -> str | None:
     return None
 
 
+def yields_to(ref: CallbackRef | None, binding: Binding | None) -> bool:
+    """Whether a delivery through `ref` takes over a task (or its external_task_id) so bound.
+
+    A hand-made `h-` URL may be shared by many tasks and anyone holding it can name
+    any task, so the binding it makes is provisional: a task's own `x-` URL (or the
+    service's own submission, which sends that URL) outranks it. Nothing outranks
+    an `x-` binding.
+    """
+    return (
+        ref is not None
+        and ref.external_task_id is not None
+        and binding is not None
+        and binding.callback_ref is not None
+        and binding.callback_ref.startswith("h-")
+    )
+
+
 def binding_conflict(
     ref: CallbackRef | None, task: KlingTask, by_task_id: Binding | None, by_ref: Binding | None
 ) -> str | None:
     """Why a delivery through `ref` may not speak for `task`, or None when it may.
 
     A URL made for one task speaks only for that task; a task bound to one URL
-    accepts callbacks through that URL only. Updates not from a callback URL
-    (polls, submissions) are never refused here.
+    accepts callbacks through that URL only, unless the binding `yields_to` this
+    one. Updates not from a callback URL (polls) are never refused here.
     """
     if ref is None:
         return None
+    # What a hand-made URL bound gives way to the task's own URL, so it is not checked.
+    if yields_to(ref, by_task_id):
+        by_task_id = None
+    if yields_to(ref, by_ref):
+        by_ref = None
     if by_task_id is not None and by_task_id.callback_ref not in (None, ref.ref):
         return "this task reports to another callback URL"
     expected = ref.external_task_id

@@ -17,6 +17,7 @@ from receiver.ledger import (
     binding_conflict,
     contradiction,
     moves_forward,
+    yields_to,
 )
 from receiver.models import (
     AssetKind,
@@ -99,6 +100,8 @@ _RECORD_EVENT = """INSERT INTO events (task_pk, source, status, body, digest, he
                    ON CONFLICT (task_pk, source, digest) DO NOTHING"""
 _COUNT_EVENT = """UPDATE events SET times_received = times_received + 1, last_received_at = ?
                   WHERE task_pk = ? AND source = ? AND digest = ?"""
+_GIVE_UP_EXTERNAL_TASK_ID = "UPDATE tasks SET external_task_id = NULL WHERE id = ?"
+_DROP_UNSTARTED_ASSETS = "DELETE FROM assets WHERE task_pk = ? AND state IN ('pending', 'failed')"
 _INSERT_ASSET = """INSERT OR IGNORE INTO assets (task_pk, kind, idx, variant, group_id, url,
                                                  remote_id, state, created_at, updated_at)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
@@ -125,10 +128,26 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
         else:
             by_ref = cur.execute(_BY_EXTERNAL_TASK_ID, (ref_ext,)).fetchone()
     reason = binding_conflict(ref, task, _binding(row), _binding(by_ref))
-    if reason is None and row is not None and by_ref is not None and row[_ID] != by_ref[_ID]:
-        reason = "this task is recorded under another external_task_id"
     if reason is not None:
         return Applied(Outcome.refused, reason=reason)
+    taken_over = yields_to(ref, _binding(row))
+    if by_ref is not None and (row is None or row[_ID] != by_ref[_ID]):
+        if yields_to(ref, _binding(by_ref)):
+            # Another task named this external_task_id through a hand-made URL: the URL
+            # made for it outranks that, so the id comes here.
+            cur.execute(_GIVE_UP_EXTERNAL_TASK_ID, (by_ref[_ID],))
+            by_ref = None
+        elif row is None:
+            pass  # the submission that made this URL, hearing of its task for the first time
+        elif taken_over and by_ref[_TASK_ID] is None:
+            # The service's own submission, not yet told its task_id: the task heard
+            # through a hand-made URL first becomes part of it.
+            _merge(cur, row[_ID], by_ref[_ID])
+            row, taken_over = None, False
+        else:
+            return Applied(
+                Outcome.refused, reason="this task is recorded under another external_task_id"
+            )
 
     row = row if row is not None else by_ref
     action = update.effective_action
@@ -190,19 +209,24 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
             filled[_SUBMISSION] = "accepted"
         if filled[_KLING_CREATED_AT] is None:
             filled[_KLING_CREATED_AT] = task.created_at
+        if taken_over:
+            assert ref_ext is not None  # only a task's own URL takes over
+            _take_over(cur, pk, filled, ref_ext, action)
 
+    # The state as it stands, from `filled`: a take-over has set aside what the
+    # hand-made URL's deliveries said.
     digest = update.digest
     status = task.status
-    current_status = _status(before[_STATUS])
+    current_status = _status(filled[_STATUS])
     current = None
-    if before[_STATE_DIGEST] is not None:
-        current = StateKey(current_status, before[_KLING_UPDATED_AT], before[_STATE_DIGEST])
+    if filled[_STATE_DIGEST] is not None:
+        current = StateKey(current_status, filled[_KLING_UPDATED_AT], filled[_STATE_DIGEST])
     moved = moves_forward(current, StateKey(status, task.updated_at, digest))
     # Only a task whose action is known can be queried; holding any other would hold it forever.
     queryable = (before[_ACTION] or action) is not None
     held = moved and update.confirm and status is TaskStatus.succeed and queryable
     polled = update.source is Source.poll
-    verifying = polled and bool(before[_VERIFY_DUE])
+    verifying = polled and bool(filled[_VERIFY_DUE])
     flag = None
     if verifying:
         assert pk is not None  # a new task awaits no confirmation
@@ -220,7 +244,7 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
             assert status is not None
             state = status
             learned_from = update.source if status.terminal else None
-            if learned_from is Source.poll and before[_VERIFY_DUE] and state is TaskStatus.succeed:
+            if learned_from is Source.poll and filled[_VERIFY_DUE] and state is TaskStatus.succeed:
                 # The query only confirmed what a held succeed callback said: the callback told us.
                 learned_from = Source.callback
             after[_STATUS] = status.value
@@ -231,7 +255,7 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
         # Poll bookkeeping: count the query, check a held succeed, schedule the next query.
         if outcome is Outcome.held:
             after[_NEXT_POLL_AT] = now  # confirm it now
-        elif before[_VERIFY_DUE] and not verifying:
+        elif filled[_VERIFY_DUE] and not verifying:
             # A held succeed still awaits its confirming query: a duplicate must not put it off.
             pass
         elif state is not None and state.terminal:
@@ -305,6 +329,36 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
                 ),
             ).rowcount
     return Applied(Outcome.moved, status, assets_created=created)
+
+
+def _take_over(
+    cur: sqlite3.Cursor, pk: int, filled: list[Any], external_task_id: str, action: str | None
+) -> None:
+    """Bind a task heard through a hand-made URL to its own URL, which outranks that one.
+
+    The URL's external_task_id and action replace what the hand-made URL's deliveries
+    said, and so does their state (those deliveries stay in the event log): the state is
+    cleared, so this delivery is judged as the first, and files they named that no
+    download has begun on are dropped.
+    """
+    filled[_EXTERNAL_TASK_ID] = external_task_id
+    filled[_CALLBACK_REF] = f"x-{external_task_id}"
+    filled[_ACTION] = action or filled[_ACTION]
+    filled[_STATE] = [None] * len(filled[_STATE])
+    filled[_VERIFY_DUE] = 0
+    cur.execute(_DROP_UNSTARTED_ASSETS, (pk,))
+
+
+def _merge(cur: sqlite3.Cursor, heard_pk: int, submitted_pk: int) -> None:
+    """Move a task heard through a hand-made URL into the submission it belongs to.
+
+    Its deliveries and begun files go to the submission's row (which has none: it has
+    no task_id yet), and its own row goes, freeing the task_id for the submission.
+    """
+    cur.execute(_DROP_UNSTARTED_ASSETS, (heard_pk,))
+    cur.execute("UPDATE events SET task_pk = ? WHERE task_pk = ?", (submitted_pk, heard_pk))
+    cur.execute("UPDATE assets SET task_pk = ? WHERE task_pk = ?", (submitted_pk, heard_pk))
+    cur.execute("DELETE FROM tasks WHERE id = ?", (heard_pk,))
 
 
 def _write_task(

@@ -206,6 +206,31 @@ def test_forged_deliveries_are_refused_and_not_recorded(service: Service) -> Non
     ]
 
 
+def test_a_shared_url_heard_first_does_not_lock_out_the_tasks_own_url(service: Service) -> None:
+    """Whoever delivers a task first through an h- URL, its own x- URL is recorded and binds it."""
+    forged = fixture_json("callback_text2video_failed.json")
+    forged["task_id"] = "867283741759111202"
+    shared_url = service.callback_url(None, TEXT2VIDEO)
+    assert httpx.post(shared_url, content=body(forged), headers=JSON).status_code == 200
+
+    own_url = service.callback_url(tokens.task_ref("kr_01JDX3N5Q8"), TEXT2VIDEO)
+    for name in ("processing", "succeed"):
+        genuine = fixture_bytes(f"callback_text2video_{name}.json")
+        response = httpx.post(own_url, content=genuine, headers=JSON)
+        assert response.status_code == 200, response.text
+        assert response.json()["outcome"] == "moved"
+    refused = httpx.post(shared_url, content=body(forged), headers=JSON)
+    assert refused.status_code == 401 and refused.json()["error"] == "wrong_task"
+
+    task = service.task("867283741759111202")
+    assert (task["status"], task["external_task_id"]) == ("succeed", "kr_01JDX3N5Q8")
+    assert [asset["url"] for asset in task["assets"]] == [
+        url for _, _, url in expected_assets(fixture_json("callback_text2video_succeed.json"))
+    ]
+    events = service.api("/api/tasks/867283741759111202/events").json()["events"]
+    assert [event["status"] for event in events] == ["failed", "processing", "succeed"]
+
+
 def test_everything_survives_sigkill_and_restart(service: Service) -> None:
     """Tasks, verbatim events and assets acknowledged before a SIGKILL are there after restart."""
     deliveries = []

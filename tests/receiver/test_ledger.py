@@ -369,6 +369,79 @@ async def test_task_url_refuses_a_second_task(ledger: Ledger) -> None:
     assert (task.external_task_id, task.status) == ("E", TaskStatus.submitted)
 
 
+async def test_task_url_outranks_a_hand_made_url_heard_first(ledger: Ledger) -> None:
+    """A task first heard through an h- URL is taken over by its own x- URL, which binds it."""
+    await ledger.apply(update(body("T", "processing", 5), channel("any")))
+    applied = await ledger.apply(update(body("T", "submitted", 1), CallbackRef("x-E", T2V)))
+    # What the h- URL said no longer counts: the task's own URL is judged as the first.
+    assert (applied.outcome, applied.status) == (Outcome.moved, TaskStatus.submitted)
+    task = await ledger.task("T")
+    assert task is not None
+    assert (task.external_task_id, task.action, task.updates) == ("E", T2V, 2)
+    events = await ledger.events("T")
+    assert events is not None and len(events) == 2
+    refused = await ledger.apply(update(body("T", "succeed", 9), channel("any")))
+    assert refused.reason == "this task reports to another callback URL"
+
+
+async def test_a_state_planted_through_a_hand_made_url_does_not_hold_the_task(
+    ledger: Ledger,
+) -> None:
+    """A final state and files from an h- URL give way to the task's own URL's deliveries."""
+    await ledger.apply(
+        update(succeed("T", videos=2, task_info={"external_task_id": "F"}), channel())
+    )
+    ref = CallbackRef("x-E", T2V)
+    taken = await ledger.apply(update(body("T", "processing", 5), ref))
+    assert (taken.outcome, taken.status) == (Outcome.moved, TaskStatus.processing)
+    task = await ledger.task("T")
+    assert task is not None
+    assert (task.status, task.external_task_id, task.assets) == (TaskStatus.processing, "E", ())
+    done = await ledger.apply(update(succeed("T", videos=1), ref))
+    assert (done.outcome, done.assets_created) == (Outcome.moved, 1)
+
+
+async def test_task_url_takes_its_id_from_a_task_that_named_it_by_hand(ledger: Ledger) -> None:
+    """An external_task_id another task named through an h- URL goes to the task of its x- URL."""
+    await ledger.apply(
+        update(body("U", "submitted", 1, task_info={"external_task_id": "E"}), channel())
+    )
+    applied = await ledger.apply(update(body("T", "submitted", 1), CallbackRef("x-E", T2V)))
+    assert applied.outcome is Outcome.moved
+    t, u = await ledger.task("T"), await ledger.task("U")
+    assert t is not None and u is not None
+    assert (t.external_task_id, u.external_task_id) == ("E", None)
+
+
+async def test_a_submission_outranks_a_hand_made_url_heard_first(ledger: Ledger) -> None:
+    """A task heard through an h- URL before its submission learned its id joins that submission."""
+    await ledger.record_submission(T2V, {"prompt": "p"}, "E", None)
+    await ledger.apply(update(body("T", "processing", 5), channel()))
+    answered = update(body("T", "submitted", 1), CallbackRef("x-E", T2V), source=Source.submit)
+    assert (await ledger.apply(answered)).outcome is Outcome.moved
+    submission = await ledger.submission("E")
+    assert submission is not None
+    assert (submission.task_id, submission.state) == ("T", "accepted")
+    events = await ledger.events("T")
+    assert events is not None and [e.source for e in events] == [Source.callback, Source.submit]
+    refused = await ledger.apply(update(body("T", "succeed", 9), channel()))
+    assert refused.reason == "this task reports to another callback URL"
+
+
+async def test_a_hand_made_url_never_takes_a_task_from_its_own_url(ledger: Ledger) -> None:
+    """A task bound to its x- URL, or submitted by the service, refuses every h- URL."""
+    await ledger.apply(update(body("T", "submitted", 1), CallbackRef("x-E", T2V)))
+    await ledger.record_submission(T2V, {"prompt": "p"}, "F", None)
+    await ledger.apply(
+        update(body("U", "submitted", 1), CallbackRef("x-F", T2V), source=Source.submit)
+    )
+    for task_id in ("T", "U"):
+        refused = await ledger.apply(update(body(task_id, "failed", 9), channel()))
+        assert refused.reason == "this task reports to another callback URL"
+        task = await ledger.task(task_id)
+        assert task is not None and task.status is TaskStatus.submitted
+
+
 async def test_task_url_takes_its_id_from_the_url(ledger: Ledger) -> None:
     """A task heard through a task URL is recorded under the URL's external_task_id."""
     await ledger.apply(update(body("T", "submitted", 1), CallbackRef("x-E", None)))
