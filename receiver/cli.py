@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from receiver import tokens
 from receiver._commands import add_task_commands
+from receiver._files import keep_private
 from receiver._logging import configure_logging
 from receiver.settings import ConfigError, Settings, load_settings
 
@@ -159,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings()
+        keep_private(settings)  # before any command opens or creates a file
         return int(args.handler(settings, args))
     except (ConfigError, ValueError) as exc:
         print(f"kling-receiver: {exc}", file=sys.stderr)
