@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from receiver._redact import redact_url, redact_urls
 from receiver.webhooks import decode_secrets
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
@@ -34,7 +35,13 @@ GENERATED_SECRETS = ("callback_secret", "admin_token")
 
 
 class ConfigError(Exception):
-    """The configuration cannot be used; the message says which setting and why."""
+    """The configuration cannot be used; the message says which setting and why.
+
+    Any URL in the message is shown with its credentials hidden (`redact_urls`).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_urls(message))
 
 
 class Settings(BaseSettings):
@@ -78,6 +85,8 @@ class Settings(BaseSettings):
     download_retry_base_seconds: float = Field(default=2.0, ge=0)
     download_not_found_tries: int = Field(default=5, ge=1)
     download_read_timeout: float = Field(default=60.0, gt=0)
+    download_min_rate: float = Field(default=16384.0, ge=0)  # bytes/s; 0: no bound
+    download_rate_window: float = Field(default=30.0, gt=0)
     storage_check_seconds: float = Field(default=15.0, gt=0)
     verify_callbacks: bool | None = None
     poll_after: float | None = Field(default=None, gt=0)
@@ -208,10 +217,15 @@ def _describe(exc: ValidationError) -> str:
         shown = (
             ""
             if isinstance(given, dict) or "SECRET" in name or "KEY" in name
-            else f" (got {given!r})"
+            else f" (got {_shown(given)})"
         )
         lines.append(f"{name}: {error['msg']}{shown}")
     return "invalid configuration: " + "; ".join(lines)
+
+
+def _shown(given: object) -> str:
+    """A rejected value as an error shows it: a string with any credentials in it hidden."""
+    return repr(redact_url(given) if isinstance(given, str) else given)
 
 
 def _stored_secrets(data_dir: Path, names: list[str]) -> dict[str, str]:

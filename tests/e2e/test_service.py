@@ -496,3 +496,22 @@ def test_a_bad_setting_stops_the_service_with_a_readable_message(tmp_path: Path)
     assert finished.returncode == 2
     assert "PORT" in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("S3_ENDPOINT_URL", "minio:9000/?X-Amz-Signature=leak-signature-0123"),
+        ("KLING_API_BASE", "ftp://kling-user:leak-password-0123@api.klingai.com"),
+        ("PUBLIC_URL", "media.example.com/?api_key=leak-key-0123"),
+    ],
+)
+def test_a_bad_url_setting_is_named_without_its_credentials(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    """`serve` with a bad URL setting exits 2 naming it, with no password or key in stderr."""
+    service = Service(tmp_path / "data", env={name: value})
+    finished = service.cli("serve", timeout=20)
+    assert finished.returncode == 2
+    assert f"{name}: " in finished.stderr and "***" in finished.stderr
+    assert "leak-" not in finished.stderr + finished.stdout

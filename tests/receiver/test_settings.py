@@ -185,6 +185,26 @@ def test_bad_values_name_their_setting(
     assert repr(value) in message
 
 
+@pytest.mark.parametrize("name", ["S3_ENDPOINT_URL", "KLING_API_BASE", "PUBLIC_URL"])
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("ftp://AKIAUSER:leak-pass-0123@minio:9000", "ftp://AKIAUSER:***@minio:9000"),
+        ("leak-token-0123@api.klingai.com", "***@api.klingai.com"),
+        ("api.klingai.com/v1?region=sg&api_key=leak-key-0123", "region=sg&api_key=***"),
+        ("s3.example/b?X-Amz-Signature=leak-sig-0123#t", "X-Amz-Signature=***#t"),
+    ],
+)
+def test_credentials_in_a_bad_url_setting_are_hidden(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, shown: str
+) -> None:
+    """A bad URL setting is shown with its password, token or key replaced by ***."""
+    monkeypatch.setenv(name, value)
+    message = config_error()
+    assert f"{name}: " in message and shown in message
+    assert "leak-" not in message
+
+
 def test_several_problems_are_reported_together(monkeypatch: pytest.MonkeyPatch) -> None:
     """All bad settings are named in one message, not one per start."""
     monkeypatch.setenv("PORT", "x")
