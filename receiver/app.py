@@ -50,6 +50,14 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
+async def ledger_unavailable(request: Request, exc: Exception) -> Response:
+    """The database could not take a request (its writer is down, say): a 503, not a 500."""
+    log.error("ledger unavailable", extra={"path": request.url.path, "error": str(exc)})
+    return error(
+        503, "ledger_unavailable", "The ledger cannot be reached right now; try again later."
+    )
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return error(500, "internal_error", "Something went wrong on our side; nothing was lost.")
@@ -168,7 +176,11 @@ def create_app(settings: Settings) -> Starlette:
             ),
         ],
         middleware=[Middleware(FrontDoor, direct=callbacks.direct)],
-        exception_handlers={HTTPException: http_error, Exception: internal_error},
+        exception_handlers={
+            HTTPException: http_error,
+            LedgerUnavailable: ledger_unavailable,
+            Exception: internal_error,
+        },
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -13,7 +13,16 @@ from receiver._clock import utc_in, utc_now
 from receiver._sqlite import assets, polls, tasks
 from receiver._sqlite.engine import Engine
 from receiver._sqlite.schema import MIGRATIONS
-from receiver.ledger import Applied, AssetJob, AssetResult, PollJob, Submission, TaskPage, Update
+from receiver.ledger import (
+    Applied,
+    AssetJob,
+    AssetResult,
+    LedgerUnavailable,
+    PollJob,
+    Submission,
+    TaskPage,
+    Update,
+)
 from receiver.models import EventRecord, TaskRecord, TaskStatus
 
 __all__ = ["MIGRATIONS", "SQLiteLedger"]
@@ -162,4 +171,8 @@ class SQLiteLedger(Engine):
         return await self.read(polls.stats)
 
     async def ping(self) -> None:
+        # The readers answering says nothing of the writer, which records every delivery.
+        problem = self.writer_problem
+        if problem is not None:
+            raise LedgerUnavailable(problem)
         await self.read(lambda conn: conn.execute("SELECT 1").fetchone())

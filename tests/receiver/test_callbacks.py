@@ -18,6 +18,8 @@ from starlette.routing import Match
 from starlette.testclient import TestClient
 
 from receiver import tokens
+from receiver._sqlite import engine as engine_module
+from receiver._sqlite.engine import _MAX_RESTARTS
 from receiver.app import create_app
 from receiver.routes import callbacks
 from receiver.settings import Settings, load_settings
@@ -642,3 +644,29 @@ def test_a_body_sent_in_chunks_is_read_whole(client: TestClient) -> None:
     response = client.post(url_for(tokens.task_ref("A")), content=pieces)
     assert response.status_code == 200, response.text
     assert recorded_events(client, TASK_ID)[0]["body"] == body.decode()
+
+
+# -- a ledger that cannot record ---------------------------------------------------
+
+
+def test_a_dead_ledger_writer_is_a_503_and_not_ready(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the writer fails, deliveries (and API writes) get 503; once it stays down,
+    /readyz says so too, though the database's readers still answer."""
+
+    def fault(conn: object, batch: object) -> None:
+        raise RuntimeError("injected writer fault")
+
+    monkeypatch.setattr(engine_module, "_run_together", fault)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").status_code == 200
+        for _ in range(_MAX_RESTARTS):
+            assert_error(client.post(url_for(), content=task_body()), 503, "ledger_unavailable")
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert f"writer failed {_MAX_RESTARTS} times in a row" in ready.json()["reason"]
+        assert_error(client.post(url_for(), content=task_body()), 503, "ledger_unavailable")
+        retry = client.post(f"/api/tasks/{TASK_ID}/retry", headers=ADMIN)
+        assert_error(retry, 503, "ledger_unavailable")
+        assert recorded_tasks(client) == []

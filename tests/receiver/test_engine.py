@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from receiver._sqlite.engine import _ASIDE_FROM, Engine
+from receiver._sqlite import engine as engine_module
+from receiver._sqlite.engine import _ASIDE_FROM, _MAX_RESTARTS, Engine
+from receiver.ledger import LedgerUnavailable
 
 pytestmark = pytest.mark.anyio
 
@@ -196,3 +198,82 @@ async def test_results_are_taken_before_the_loop_stands_aside_again(tmp_path: Pa
         resumed = time.monotonic()
         await asyncio.wait_for(group, 5)
     assert resumed < min(started)
+
+
+# -- a writer that fails -----------------------------------------------------------
+
+
+class _Fault:
+    """Makes the writer thread itself fail (not one write) on its next `times` groups.
+
+    With `hold`, the first failing group waits for it, so that tests can queue writes
+    behind a group in flight.
+    """
+
+    def __init__(self, times: int, hold: threading.Event | None = None) -> None:
+        self.times = times
+        self.hold = hold
+        self.entered = threading.Event()
+        self._real = engine_module._run_together
+
+    def __call__(self, conn: sqlite3.Connection, batch: list[Any]) -> Any:
+        if self.times <= 0:
+            return self._real(conn, batch)
+        self.times -= 1
+        self.entered.set()
+        if self.hold is not None:
+            self.hold.wait(5)
+        raise RuntimeError("injected writer fault")
+
+
+async def _queued(engine: Engine, count: int) -> None:
+    """Until `count` writes wait in the writer's queue."""
+    deadline = time.monotonic() + 5
+    while engine._queue.qsize() < count:
+        assert time.monotonic() < deadline, "the writes were never queued"
+        await asyncio.sleep(0.001)
+
+
+async def test_a_failed_writer_fails_every_waiting_write_and_starts_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group in flight and the writes queued behind it fail with LedgerUnavailable (none
+    waits forever); a new writer then takes writes as before."""
+    hold = threading.Event()
+    fault = _Fault(times=1, hold=hold)
+    async with Engine(tmp_path / "ledger.db") as engine:
+        await engine.write(lambda conn: conn.execute("CREATE TABLE notes (name TEXT UNIQUE)"))
+        monkeypatch.setattr(engine_module, "_run_together", fault)
+        in_flight = asyncio.ensure_future(engine.write(_insert("a")))
+        await asyncio.to_thread(fault.entered.wait, 5)
+        queued = [asyncio.ensure_future(engine.write(_insert(name))) for name in "bc"]
+        await _queued(engine, 2)
+        hold.set()
+        results = await asyncio.wait_for(
+            asyncio.gather(in_flight, *queued, return_exceptions=True), 5
+        )
+        assert [type(result) for result in results] == [LedgerUnavailable] * 3
+        assert "injected writer fault" in str(results[0])
+
+        assert await asyncio.wait_for(engine.write(_insert("d")), 5) == "d"
+        assert engine.writer_problem is None
+        names = await engine.read(
+            lambda conn: [row[0] for row in conn.execute("SELECT name FROM notes")]
+        )
+    assert names == ["d"]
+
+
+async def test_a_writer_that_keeps_failing_stays_down_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After _MAX_RESTARTS failures in a row, writes fail at once and writer_problem says why."""
+    async with Engine(tmp_path / "ledger.db") as engine:
+        monkeypatch.setattr(engine_module, "_run_together", _Fault(times=_MAX_RESTARTS))
+        for attempt in range(_MAX_RESTARTS):
+            assert engine.writer_problem is None, attempt
+            with pytest.raises(LedgerUnavailable, match="injected writer fault"):
+                await asyncio.wait_for(engine.write(lambda conn: None), 5)
+        problem = engine.writer_problem
+        assert problem is not None and f"{_MAX_RESTARTS} times in a row" in problem
+        with pytest.raises(LedgerUnavailable, match="times in a row"):
+            await engine.write(lambda conn: None)
