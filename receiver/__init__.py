@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from receiver.app import create_app
-from receiver.ledger import Ledger, LedgerError, LedgerUnavailable, open_ledger
+from receiver.database import open_ledger
+from receiver.ledger import Ledger, LedgerError, LedgerUnavailable
 from receiver.models import AssetKind, AssetState, KlingTask, Source, TaskStatus
 from receiver.settings import ConfigError, Settings, load_settings
 

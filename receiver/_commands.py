@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from receiver.database import open_ledger
 from receiver.kling import KlingClient, KlingError, client_for
-from receiver.ledger import Ledger, open_ledger
+from receiver.ledger import Ledger
 from receiver.models import PayloadError, Source, TaskRecord, TaskStatus
 from receiver.poller import poll_after, update_from_reply
 from receiver.routes.api import task_json

@@ -13,7 +13,8 @@ import contextlib
 import os
 from pathlib import Path
 
-from receiver.ledger import LedgerUnavailable, sqlite_path
+from receiver.database import sqlite_path
+from receiver.ledger import LedgerUnavailable
 from receiver.settings import Settings
 
 __all__ = ["keep_private"]

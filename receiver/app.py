@@ -17,8 +17,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from receiver.database import open_ledger
 from receiver.kling import client_for
-from receiver.ledger import LedgerUnavailable, open_ledger
+from receiver.ledger import LedgerUnavailable
 from receiver.poller import Poller
 from receiver.routes import api, callbacks, files
 from receiver.routes._responses import error, http_error

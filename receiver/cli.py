@@ -90,7 +90,7 @@ def worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _work(settings: Settings, concurrency: int | None) -> int:
-    from receiver.ledger import open_ledger
+    from receiver.database import open_ledger
     from receiver.workers import downloader_for
 
     stop = asyncio.Event()

@@ -1,7 +1,8 @@
 """The ledger: durable tasks, their deliveries and their assets, and the rules that move them.
 
 The rules are plain functions here, so every database backend applies them the
-same way; a backend (`receiver._sqlite`, later PostgreSQL) only stores and locks.
+same way; a backend (`receiver._sqlite`, later PostgreSQL) only stores and locks;
+`receiver.database` opens the one DATABASE_URL names.
 
 Exceptions::
 
@@ -13,12 +14,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
 
 from receiver.models import (
     AssetKind,
@@ -47,7 +45,6 @@ __all__ = [
     "binding_conflict",
     "contradiction",
     "moves_forward",
-    "open_ledger",
     "yields_to",
 ]
 
@@ -368,22 +365,3 @@ class Ledger(Protocol):
     async def ping(self) -> None:
         """Raise `LedgerUnavailable` unless the database answers."""
         ...
-
-
-@asynccontextmanager
-async def open_ledger(database_url: str) -> AsyncIterator[Ledger]:
-    """Open the ledger named by DATABASE_URL, creating or migrating its schema."""
-    from receiver._sqlite import SQLiteLedger
-
-    async with SQLiteLedger(sqlite_path(database_url)) as ledger:
-        yield ledger
-
-
-def sqlite_path(database_url: str) -> Path:
-    """The file of a `sqlite:///relative` or `sqlite:////absolute` URL."""
-    parts = urlsplit(database_url)
-    if parts.scheme != "sqlite" or parts.netloc or not parts.path:
-        raise LedgerUnavailable(
-            f"DATABASE_URL must look like sqlite:///data/kling-receiver.db, got {parts.scheme}:…"
-        )
-    return Path(unquote(parts.path[1:]))

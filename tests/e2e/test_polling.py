@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from receiver.ledger import open_ledger
+from receiver.database import open_ledger
 from tests.fake_kling import FakeKling, result
 from tests.media_server import MediaServer
 from tests.support import Service, fixture_json, kling_env, wait_for

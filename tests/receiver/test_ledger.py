@@ -15,13 +15,12 @@ import pytest
 
 from receiver._clock import utc_now
 from receiver._sqlite import MIGRATIONS
+from receiver.database import open_ledger, sqlite_path
 from receiver.ledger import (
     Ledger,
     LedgerUnavailable,
     Outcome,
     Update,
-    open_ledger,
-    sqlite_path,
 )
 from receiver.models import (
     AssetKind,

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from receiver._clock import utc_now
+from receiver.database import open_ledger
 from receiver.kling import KlingClient, client_for
-from receiver.ledger import Ledger, Outcome, Update, open_ledger
+from receiver.ledger import Ledger, Outcome, Update
 from receiver.models import CallbackRef, Source, TaskStatus
 from receiver.poller import Poller
 from receiver.settings import Settings

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from receiver._clock import utc_now
-from receiver.ledger import StateKey, Update, moves_forward, open_ledger
+from receiver.database import open_ledger
+from receiver.ledger import StateKey, Update, moves_forward
 from receiver.models import AssetRecord, CallbackRef, Source, TaskStatus
 from receiver.shapes import parse_task
 

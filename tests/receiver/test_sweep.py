@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from receiver.database import open_ledger
 from receiver.kling import KlingClient, client_for
-from receiver.ledger import Ledger, open_ledger
+from receiver.ledger import Ledger
 from receiver.models import Source, TaskStatus
 from receiver.settings import Settings
 from receiver.sweep import MARK, OVERLAP_MS, Sweeper, Tally, sweep

@@ -20,7 +20,8 @@ from starlette.testclient import TestClient
 
 from receiver._clock import parse_time, utc_now
 from receiver.app import create_app
-from receiver.ledger import AssetJob, AssetResult, Ledger, Update, open_ledger, sqlite_path
+from receiver.database import open_ledger, sqlite_path
+from receiver.ledger import AssetJob, AssetResult, Ledger, Update
 from receiver.models import (
     AssetKind,
     AssetRecord,
