@@ -20,8 +20,19 @@ def utc_in(seconds: float) -> str:
     return stamp(time.time() + seconds)
 
 
+# The times `stamp` writes as they are: from 1900 (strftime pads 4-digit years only) to 9999.
+_FIRST = -2208988800.0
+_LAST = 253402300799.0
+
+
 def stamp(epoch: float) -> str:
-    """Seconds since the epoch in the form of `utc_now`: to the microsecond, then truncated."""
+    """Seconds since the epoch in the form of `utc_now`: to the microsecond, then truncated.
+
+    A time outside 1900-9999 (or not a number) is written as the nearer end of that
+    range: it still sorts first or last, where gmtime would raise or strftime misorder.
+    """
+    if not _FIRST <= epoch <= _LAST:
+        epoch = _FIRST if epoch < _FIRST else _LAST
     fraction, whole = math.modf(epoch)  # rounded as datetime.fromtimestamp rounds
     micros = round(fraction * 1_000_000)
     if micros >= 1_000_000:

@@ -63,7 +63,11 @@ def asset_stem(
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """When to try a failed download again, and when to give up."""
+    """When to try a failed download again, and when to give up.
+
+    A wait (backoff or Retry-After, which fetch caps at an hour) never runs past the
+    horizon: the last try comes at its end, and a failure after it is final.
+    """
 
     base_delay: float = 2.0
     max_delay: float = 600.0
@@ -78,12 +82,13 @@ class RetryPolicy:
         status = fetch_error.status if fetch_error else None
         if status in _NOT_YET and attempts >= self.not_found_tries:
             return None
-        if (datetime.now(UTC) - first_seen).total_seconds() > self.horizon:
+        left = self.horizon - (datetime.now(UTC) - first_seen).total_seconds()
+        if left < 0:
             return None
         backoff: float = min(self.max_delay, self.base_delay * 2.0 ** max(0, attempts - 1))
         backoff *= random.uniform(0.5, 1.0)  # jitter, so a burst of failures spreads out
         retry_after = fetch_error.retry_after if fetch_error else None
-        return max(backoff, retry_after or 0.0)
+        return min(max(backoff, retry_after or 0.0), left)
 
 
 @dataclass
@@ -184,9 +189,7 @@ class Downloader:
             raise
         except Exception as exc:  # the edge of a worker: log it, retry it, keep working
             log.exception("download crashed", extra={"task_id": job.task_id, "asset": job.asset_id})
-            result = self._failure(
-                job, StorageError(job.url, f"internal error: {exc!r}", retry=True)
-            )
+            result = self._crashed(job, exc)
         finally:
             renewer.cancel()
         if cancel.is_set() and result.state is not AssetState.stored:
@@ -207,12 +210,26 @@ class Downloader:
             },
         )
 
+    def _crashed(self, job: AssetJob, exc: Exception) -> AssetResult:
+        """The outcome of an attempt that raised: retried, even if deciding when raises too."""
+        error = StorageError(job.url, f"internal error: {exc!r}", retry=True)
+        try:
+            return self._failure(job, error)
+        except Exception:
+            log.exception("cannot decide when to retry", extra={"task_id": job.task_id})
+            # The lease must still be settled, or the job waits for it to lapse.
+            note = f"{error.reason} (will try again)"
+            return AssetResult(
+                AssetState.pending, error=note, retry_at=utc_in(self.retry.max_delay)
+            )
+
     def _download(self, job: AssetJob, cancel: threading.Event) -> AssetResult:
         stem = asset_stem(job.action, job.task_id, job.kind, job.index, job.variant)
         try:
             writer = self.sink.open(stem)
         except StorageError as exc:  # an unsafe key, or a disk that refuses: the sink says which
             return self._failure(job, exc)
+        keep = True  # whether the held bytes stay for the next attempt to resume from
         try:
             fetched = fetch(job.url, writer, policy=self.policy, limits=self.limits, cancel=cancel)
             key = stem + extension(fetched.content_type, fetched.final_url)
@@ -220,14 +237,14 @@ class Downloader:
             location = writer.commit(key, _sidecar(job, fetched, stored_at))
         except StorageError as exc:
             result = self._failure(job, exc)
-            if result.state is AssetState.failed or isinstance(exc, TooLarge):
-                writer.discard()
-            else:
-                writer.close()
+            keep = result.state is not AssetState.failed and not isinstance(exc, TooLarge)
             return result
-        except BaseException:
-            writer.close()
-            raise
+        finally:
+            # Whatever stopped the attempt, its file and lock are let go.
+            if keep:
+                writer.close()
+            else:
+                writer.discard()
         note = None
         if job.expected_sha256 and job.expected_sha256 != fetched.sha256:
             note = f"re-fetched bytes differ from the sha256 stored before ({job.expected_sha256})"

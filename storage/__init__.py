@@ -6,7 +6,7 @@ This package never imports `receiver`.
 from __future__ import annotations
 
 from storage._errors import FetchError, RefusedURL, SinkError, StorageError, TooLarge
-from storage.fetch import Fetched, Limits, Writer, fetch
+from storage.fetch import MAX_RETRY_AFTER, Fetched, Limits, Writer, fetch
 from storage.guard import UrlPolicy, is_public_address
 from storage.local import LocalSink, LocalWriter
 from storage.naming import extension
@@ -14,6 +14,7 @@ from storage.s3 import S3Options, S3Sink
 from storage.sinks import Sink, SinkWriter, open_sink
 
 __all__ = [
+    "MAX_RETRY_AFTER",
     "FetchError",
     "Fetched",
     "Limits",

@@ -26,16 +26,19 @@ from urllib.parse import quote, urljoin, urlsplit
 from storage._errors import FetchError, TooLarge
 from storage.guard import Target, UrlPolicy
 
-__all__ = ["READ_SIZE", "Fetched", "Limits", "Writer", "fetch"]
+__all__ = ["MAX_RETRY_AFTER", "READ_SIZE", "Fetched", "Limits", "Writer", "fetch"]
 
 READ_SIZE = 1 << 20
 """What one read asks of the response: the size of the buffers writers lend."""
+MAX_RETRY_AFTER = 3600.0
+"""The longest wait a Retry-After is taken at: a server asking for more gets an hour."""
 _REDIRECTS = {301, 302, 303, 307, 308}
 # Worth trying again: the server or a cache in front of it may answer differently later.
 _TRANSIENT = {408, 425, 429, 500, 502, 503, 504}
 # The CDN may lag behind the callback: try a few times before giving up.
 _NOT_YET = {403, 404, 410}
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also takes "²", which int() refuses
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +183,8 @@ def _receive(
     else:
         raise _status_error(url, response)
 
-    length = response.getheader("content-length")
-    remaining = int(length) if length and length.isdigit() else None
+    length = response.getheader("content-length") or ""
+    remaining = int(length) if _DIGITS.fullmatch(length) else None
     expected = None if remaining is None else writer.offset + remaining
     if expected is not None and expected > limits.max_bytes:
         raise TooLarge(url, f"the file is {expected} bytes, over the {limits.max_bytes} allowed")
@@ -233,16 +236,17 @@ def _status_error(url: str, response: http.client.HTTPResponse) -> FetchError:
 
 
 def _retry_after(value: str | None) -> float | None:
+    """The seconds a Retry-After asks for, at most MAX_RETRY_AFTER; None if it cannot be read."""
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _DIGITS.fullmatch(value):
+        return min(float(value), MAX_RETRY_AFTER)  # a huge number is inf here, not an error
     try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        seconds = parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):

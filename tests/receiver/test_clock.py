@@ -27,3 +27,12 @@ def test_now_and_later_read_back_and_sort_as_text() -> None:
     assert earlier < now < later
     assert abs(parse_time(now).timestamp() - before) < 5
     assert round((parse_time(later) - parse_time(now)).total_seconds()) == 90
+
+
+def test_far_off_times_are_written_at_the_ends_of_the_range() -> None:
+    """Ages ahead (or not a number) are written as the end of year 9999, never an overflow:
+    they still sort after every real time."""
+    last = "9999-12-31T23:59:59.000Z"
+    assert utc_in(1e20) == utc_in(float("inf")) == stamp(float("nan")) == last
+    assert stamp(1e300) == last and utc_now() < last
+    assert utc_in(-1e20) == stamp(float("-inf")) == "1900-01-01T00:00:00.000Z"

@@ -33,8 +33,8 @@ from receiver.models import (
 )
 from receiver.settings import Settings
 from receiver.shapes import parse_task
-from receiver.workers import Downloader, asset_stem, downloader_for
-from storage import LocalSink, LocalWriter, SinkError, UrlPolicy
+from receiver.workers import Downloader, RetryPolicy, asset_stem, downloader_for
+from storage import MAX_RETRY_AFTER, FetchError, LocalSink, LocalWriter, SinkError, UrlPolicy
 from tests.media_server import Cut, MediaServer, Serve, Short, Status
 from tests.support import ADMIN_TOKEN, succeed_payload
 
@@ -720,3 +720,97 @@ def _true_when(predicate: Any) -> Any:
         return bool(predicate())
 
     return check
+
+
+def next_attempt_at(settings: Settings) -> datetime:
+    """When the test's one asset is due to be tried again."""
+    with closing(sqlite3.connect(sqlite_path(settings.database_url))) as db:
+        (due_at,) = db.execute("SELECT next_attempt_at FROM assets").fetchone()
+    return parse_time(due_at)
+
+
+@pytest.mark.parametrize(
+    "value", ["99999999999999999999", "Fri, 31 Dec 9999 23:59:59 GMT", "999999"]
+)
+async def test_a_hostile_retry_after_waits_an_hour_at_most(
+    settings: Settings, ledger: Ledger, media: MediaServer, value: str
+) -> None:
+    """A Retry-After of ages (or past what a timestamp holds) schedules the next try within
+    the hour, and the asset is kept pending, not crashed or parked."""
+    url = media.add("/later.mp4", payload(1000), [Status(503, {"Retry-After": value})])
+    await queue(ledger, "tlater", [url])
+
+    await attempt(pool(settings, ledger))
+
+    waiting = await asset(ledger, "tlater")
+    assert waiting.state is AssetState.pending
+    assert waiting.error is not None and "503" in waiting.error
+    hour = timedelta(seconds=MAX_RETRY_AFTER)
+    assert next_attempt_at(settings) <= datetime.now(UTC) + hour
+
+
+async def test_a_retry_after_past_the_horizon_is_tried_at_its_end(
+    settings: Settings, ledger: Ledger, media: MediaServer
+) -> None:
+    """Retry-After: 99999999999999999999 with a 2 s horizon: the next try comes at the horizon's
+    end, in the same process, and stores the file."""
+    body = payload(2000)
+    hostile = Status(503, {"Retry-After": "99999999999999999999"})
+    url = media.add("/huge.mp4", body, [hostile, Serve()])
+    queued = datetime.now(UTC)
+    await queue(ledger, "thuge", [url])
+    downloader = pool(settings, ledger, download_retry_hours=2 / 3600)
+
+    await attempt(downloader)
+    assert next_attempt_at(settings) <= datetime.now(UTC) + timedelta(seconds=2)
+    assert next_attempt_at(settings) >= queued + timedelta(seconds=1.9)
+    job = await due(ledger, downloader.owner, within=4)
+    await downloader.process(job)
+
+    stored = await asset(ledger, "thuge")
+    assert (stored.state, stored.sha256) == (AssetState.stored, sha(body))
+
+
+def test_retry_waits_stop_at_the_horizon() -> None:
+    """A wait is clamped to what is left of the horizon; past it, the asset fails."""
+    policy = RetryPolicy(base_delay=0.01, horizon=100.0)
+    busy = FetchError("u", "HTTP 503", retry=True, status=503, retry_after=MAX_RETRY_AFTER)
+    seen = datetime.now(UTC) - timedelta(seconds=40)
+    delay = policy.delay(busy, 1, seen)
+    assert delay is not None and 59 <= delay <= 60
+    assert policy.delay(busy, 1, datetime.now(UTC) - timedelta(seconds=101)) is None
+    backoff = RetryPolicy(base_delay=1000.0, max_delay=1000.0, horizon=100.0)
+    plain = FetchError("u", "HTTP 503", retry=True, status=503)
+    waited = backoff.delay(plain, 1, datetime.now(UTC))
+    assert waited is not None and waited <= 100
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokenRetry(RetryPolicy):
+    """A retry policy whose decision raises, as a timestamp overflow once did."""
+
+    def delay(self, error: Any, attempts: int, first_seen: datetime) -> float | None:
+        raise OverflowError("timestamp out of range for platform time_t")
+
+
+async def test_a_failure_path_that_raises_still_frees_the_file_and_settles(
+    settings: Settings, ledger: Ledger, media: MediaServer
+) -> None:
+    """When deciding a retry raises, the .part file and its lock are released and the lease
+    settled; the next attempt on the same asset, in the same process, stores it."""
+    body = payload(50_000)
+    url = media.add("/crash.mp4", body, [Cut(20_000), Serve()])
+    await queue(ledger, "tcrash", [url])
+    broken = dataclasses.replace(pool(settings, ledger), retry=BrokenRetry(max_delay=0.05))
+
+    await attempt(broken)
+
+    crashed = await asset(ledger, "tcrash")
+    assert (crashed.state, crashed.attempts) == (AssetState.pending, 1)
+    assert crashed.error is not None and "OverflowError" in crashed.error
+    assert files(task_dir(settings, "tcrash")) == [".0.part", ".0.part.json"]
+    await attempt(pool(settings, ledger))
+
+    stored = await asset(ledger, "tcrash")
+    assert (stored.state, stored.sha256, stored.error) == (AssetState.stored, sha(body), None)
+    assert media.hits("/crash.mp4")[1].headers["Range"] == "bytes=20000-"

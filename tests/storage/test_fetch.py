@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from storage import (
+    MAX_RETRY_AFTER,
     FetchError,
     Limits,
     LocalSink,
@@ -24,6 +27,7 @@ from storage import (
     UrlPolicy,
     fetch,
 )
+from storage.fetch import _retry_after
 from tests.media_server import (
     Cut,
     MediaServer,
@@ -216,7 +220,15 @@ def test_retry_after_http_date(media: MediaServer, writer: LocalWriter) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"), [("Mon, 01 Jan 2001 00:00:00 GMT", 0.0), ("soon", None)]
+    ("value", "expected"),
+    [
+        ("Mon, 01 Jan 2001 00:00:00 GMT", 0.0),
+        ("soon", None),
+        ("-5", None),
+        ("1.5", None),
+        ("\u00b2", None),  # a digit to str.isdigit(), not to int()
+        ("Mon, 99 Foo 2024 25:61:00 GMT", None),
+    ],
 )
 def test_retry_after_past_or_garbled(
     media: MediaServer, writer: LocalWriter, value: str, expected: float | None
@@ -224,6 +236,26 @@ def test_retry_after_past_or_garbled(
     """A Retry-After date in the past means now; one that cannot be read is ignored."""
     error = failure(media.add("/v.mp4", BODY, [Status(429, {"Retry-After": value})]), writer)
     assert (error.retry, error.retry_after) == (True, expected)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["99999999999999999999", "9" * 5000, "999999", "3601", "Fri, 31 Dec 9999 23:59:59 GMT"],
+)
+def test_retry_after_is_capped_at_an_hour(
+    media: MediaServer, writer: LocalWriter, value: str
+) -> None:
+    """A huge number, a far-off date or days of seconds all mean an hour, never an overflow."""
+    error = failure(media.add("/v.mp4", BODY, [Status(503, {"Retry-After": value})]), writer)
+    assert (error.retry, error.retry_after) == (True, MAX_RETRY_AFTER)
+    assert MAX_RETRY_AFTER == 3600.0
+
+
+@given(st.text(max_size=60))
+def test_retry_after_never_raises(value: str) -> None:
+    """Whatever a Retry-After holds, it reads as None or 0 to an hour of seconds."""
+    seconds = _retry_after(value)
+    assert seconds is None or 0.0 <= seconds <= MAX_RETRY_AFTER
 
 
 def test_a_short_body_is_never_complete(media: MediaServer, writer: LocalWriter) -> None:
