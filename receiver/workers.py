@@ -342,7 +342,10 @@ def downloader_for(
         sink=sink or sink_for(settings),
         policy=UrlPolicy(settings.allow_private_downloads, settings.allowed_hosts),
         limits=Limits(
-            max_bytes=settings.max_asset_bytes, read_timeout=settings.download_read_timeout
+            max_bytes=settings.max_asset_bytes,
+            read_timeout=settings.download_read_timeout,
+            min_rate=settings.download_min_rate,
+            rate_window=settings.download_rate_window,
         ),
         retry=RetryPolicy(
             base_delay=settings.download_retry_base_seconds,

@@ -1,9 +1,9 @@
 """A real HTTP media server on loopback that misbehaves on purpose, as CDNs sometimes do.
 
 Each path gets a script: a list of behaviours (Serve, Cut, Status, Short,
-Redirect, WrongRange, Unsized), one consumed per request (the last one
-repeats). Every request is logged with its headers, so tests can count fetches
-and see `Range` requests.
+Redirect, WrongRange, Unsized, Trickle), one consumed per request (the last one
+repeats). Every request is logged with its headers and when its answer ended,
+so tests can count fetches, see `Range` requests and time a slow answer.
 
     server.add("/v.mp4", body, [Cut(1000), Cut(5000), Serve()])
 """
@@ -73,7 +73,19 @@ class Unsized:
     chunked: bool = False
 
 
-Behaviour = Serve | Cut | Status | Short | Redirect | WrongRange | Unsized
+@dataclass(frozen=True)
+class Trickle:
+    """Send the file `step` bytes every `every` seconds, until it ends or the client hangs up.
+
+    Without `sized` there is no Content-Length (the body ends when the connection closes).
+    """
+
+    every: float = 1.0
+    step: int = 1
+    sized: bool = False
+
+
+Behaviour = Serve | Cut | Status | Short | Redirect | WrongRange | Unsized | Trickle
 
 
 @dataclass
@@ -81,6 +93,7 @@ class Request:
     path: str
     headers: dict[str, str]
     at: float
+    ended: float | None = None  # when the answer was sent, or the client hung up
 
 
 @dataclass
@@ -156,14 +169,17 @@ class MediaServer:
 
             def do_GET(self) -> None:
                 path = self.path.split("?")[0]
+                request = Request(path, dict(self.headers), time.monotonic())
                 with server._lock:
-                    server.requests.append(Request(path, dict(self.headers), time.monotonic()))
+                    server.requests.append(request)
                     route = server.routes.get(path)
                     behaviour = route.next() if route else Status(404)
                 try:
                     self._answer(route, behaviour)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass
+                    self.close_connection = True
+                finally:
+                    request.ended = time.monotonic()
 
             def _answer(self, route: _Route | None, behaviour: Behaviour) -> None:
                 if isinstance(behaviour, Status) or route is None:
@@ -192,6 +208,9 @@ class MediaServer:
                     return
                 if isinstance(behaviour, WrongRange | Unsized):
                     self._answer_oddly(route, behaviour)
+                    return
+                if isinstance(behaviour, Trickle):
+                    self._trickle(route, behaviour)
                     return
                 ranges = behaviour.ranges
                 start = self._range_start(route) if ranges else 0
@@ -244,6 +263,20 @@ class MediaServer:
                 self.wfile.write(part)
                 if isinstance(behaviour, Unsized):
                     self.close_connection = True
+
+            def _trickle(self, route: _Route, behaviour: Trickle) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "video/mp4")
+                if behaviour.sized:
+                    self.send_header("Content-Length", str(len(route.body)))
+                else:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                for offset in range(0, len(route.body), behaviour.step):
+                    self.wfile.write(route.body[offset : offset + behaviour.step])
+                    self.wfile.flush()
+                    time.sleep(behaviour.every)
 
             def _range_start(self, route: _Route) -> int:
                 asked = self.headers.get("Range", "")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from receiver import tokens
-from tests.media_server import MediaServer, Serve
+from tests.media_server import MediaServer, Serve, Trickle
 from tests.support import (
     Service,
     assert_error,
@@ -233,3 +233,31 @@ def test_retry_from_the_cli_and_the_api_fetches_again(
         service.base_url + "/api/tasks/no-such-task/retry", headers=service.admin, trust_env=False
     )
     assert_error(missing, 404, "unknown_task", "no-such-task")
+
+
+def test_trickles_free_their_slots_for_the_assets_behind_them(
+    spawn: Callable[..., Service], media: MediaServer
+) -> None:
+    """Four URLs sending a byte every 0.2 s take all four slots; with DOWNLOAD_MIN_RATE=1000
+    over 1 s windows each attempt is cut within the bound, and an asset queued behind them
+    is stored."""
+    service = spawn(DOWNLOAD_CONCURRENCY="4", DOWNLOAD_MIN_RATE="1000", DOWNLOAD_RATE_WINDOW="1")
+    drips = [f"/e2e/drip/{n}.mp4" for n in range(4)]
+    urls = [
+        media.add(path, random.Random(path).randbytes(1000), [Trickle(every=0.2)]) for path in drips
+    ]
+    deliver(service, "kr_e2e_drip", succeed("e2edrip", "kr_e2e_drip", urls))
+    wait_for(lambda: all(media.hits(path) for path in drips), "all four slots to be taken")
+    body = random.Random("behind").randbytes(100_000)
+    behind = media.add("/e2e/behind.mp4", body)
+
+    deliver(service, "kr_e2e_behind", succeed("e2ebehind", "kr_e2e_behind", [behind]))
+    wait_for(service.archived("e2ebehind"), "the asset behind the trickles", 10)
+
+    assert service.task("e2ebehind")["assets"][0]["sha256"] == sha(body)
+    wait_for(lambda: all(media.hits(path)[0].ended for path in drips), "the first hang-ups", 5)
+    held = [hit.ended - hit.at for path in drips for hit in media.hits(path) if hit.ended]
+    assert max(held) < 3, held  # a 1 s window, a read every 0.2 s, a hang-up seen at a write
+    for asset in service.task("e2edrip")["assets"]:
+        if asset["error"] is not None:
+            assert asset["error"].startswith("too slow: ")

@@ -35,7 +35,7 @@ from receiver.settings import Settings
 from receiver.shapes import parse_task
 from receiver.workers import Downloader, RetryPolicy, asset_stem, downloader_for
 from storage import MAX_RETRY_AFTER, FetchError, LocalSink, LocalWriter, SinkError, UrlPolicy
-from tests.media_server import Cut, MediaServer, Serve, Short, Status
+from tests.media_server import Cut, MediaServer, Serve, Short, Status, Trickle
 from tests.support import ADMIN_TOKEN, succeed_payload
 
 pytestmark = pytest.mark.anyio
@@ -814,3 +814,20 @@ async def test_a_failure_path_that_raises_still_frees_the_file_and_settles(
     stored = await asset(ledger, "tcrash")
     assert (stored.state, stored.sha256, stored.error) == (AssetState.stored, sha(body), None)
     assert media.hits("/crash.mp4")[1].headers["Range"] == "bytes=20000-"
+
+
+async def test_the_rate_settings_cut_a_trickle(
+    settings: Settings, ledger: Ledger, media: MediaServer
+) -> None:
+    """DOWNLOAD_MIN_RATE and DOWNLOAD_RATE_WINDOW reach the download: a trickle is cut."""
+    url = media.add("/drip.mp4", payload(400), [Trickle(every=0.05)])
+    await queue(ledger, "tdrip", [url])
+    downloader = pool(settings, ledger, download_min_rate=1000, download_rate_window=0.5)
+
+    started = time.monotonic()
+    await attempt(downloader)
+
+    assert time.monotonic() - started < 3
+    cut = await asset(ledger, "tdrip")
+    assert cut.state is AssetState.pending
+    assert cut.error is not None and cut.error.startswith("too slow: ")

@@ -35,6 +35,7 @@ from tests.media_server import (
     Serve,
     Short,
     Status,
+    Trickle,
     Unsized,
     WrongRange,
 )
@@ -411,3 +412,65 @@ def test_a_cancelled_download_stops(media: MediaServer, writer: LocalWriter) -> 
     assert error.retry is True
     assert "stopped" in error.reason
     assert writer.offset == 0
+
+
+SLOW = Limits(min_rate=1000, rate_window=0.5)
+
+
+@pytest.mark.parametrize("sized", [False, True], ids=["unsized", "sized"])
+def test_a_trickle_is_cut_after_a_window(
+    media: MediaServer, writer: LocalWriter, sized: bool
+) -> None:
+    """20 bytes/s against 1000 required: cut after the first half-second window, retryably,
+    although no single read waits long enough to time out."""
+    url = media.add("/v.mp4", BODY[:200], [Trickle(every=0.05, sized=sized)])
+    started = time.monotonic()
+    error = failure(url, writer, limits=SLOW)
+    assert time.monotonic() - started < 2
+    assert error.retry is True
+    assert (
+        error.reason.startswith("too slow: ") and "under the 1000 bytes/s allowed" in error.reason
+    )
+    wait_for_end(media, "/v.mp4")
+
+
+def test_a_sized_download_ends_by_its_deadline(media: MediaServer, writer: LocalWriter) -> None:
+    """With the size known, the attempt has the floor plus the size at min_rate, however long
+    the rate window."""
+    limits = Limits(min_rate=1000, rate_window=60, deadline_floor=0.3)
+    url = media.add("/v.mp4", BODY[:200], [Trickle(every=0.05, sized=True)])
+    started = time.monotonic()
+    error = failure(url, writer, limits=limits)
+    assert 0.5 <= time.monotonic() - started < 2
+    assert (error.retry, error.reason) == (True, "too slow: not done in the 0.5 s its size allows")
+    wait_for_end(media, "/v.mp4")
+
+
+def test_a_steady_download_is_not_cut(media: MediaServer, writer: LocalWriter) -> None:
+    """A download at twice the minimum rate, over several windows, completes."""
+    body = BODY[:6000]
+    url = media.add("/v.mp4", body, [Serve(rate=4000)])
+    limits = Limits(min_rate=2000, rate_window=0.3, deadline_floor=0.5)
+    assert (
+        fetch(url, writer, policy=LOOPBACK, limits=limits).sha256
+        == hashlib.sha256(body).hexdigest()
+    )
+
+
+def test_a_cancel_stops_a_slow_read_at_once(media: MediaServer, writer: LocalWriter) -> None:
+    """Cancelling mid-trickle stops within a read, not when a 1 MiB buffer is full."""
+    url = media.add("/v.mp4", BODY[:400], [Trickle(every=0.05)])
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    started = time.monotonic()
+    error = failure(url, writer, cancel=cancel)
+    assert time.monotonic() - started < 1
+    assert "stopped" in error.reason
+
+
+def wait_for_end(media: MediaServer, path: str) -> None:
+    """Wait until the server sees the client hang up on its (only) request to `path`."""
+    deadline = time.monotonic() + 5
+    while media.hits(path)[0].ended is None:
+        assert time.monotonic() < deadline, "the client never hung up"
+        time.sleep(0.02)
