@@ -48,7 +48,13 @@ def _service(url: str, root: Path) -> tuple[float, float, int, str, str]:
     writer = LocalSink(root).open(_STEM)
     try:
         started = time.perf_counter()
-        fetched = fetch(url, writer, policy=UrlPolicy(allow_private=True), cancel=threading.Event())
+        fetched = fetch(
+            url,
+            writer,
+            policy=UrlPolicy(allow_private=True),
+            cancel=threading.Event(),
+            expect="video",
+        )
         fetched_at = time.perf_counter()
         key = _STEM + extension(fetched.content_type, fetched.final_url)
         sidecar = {"source_url": url, "sha256": fetched.sha256, "size": fetched.size}

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.media_server import STARTS
+
 __all__ = ["fresh_dir", "make_source", "reset_peak", "status_kib"]
 
 _MIB = 1 << 20
@@ -37,10 +39,14 @@ def reset_peak(pid: int | str = "self") -> int:
 
 
 def make_source(path: Path, size: int) -> str:
-    """`size` random bytes at `path`, fsynced so their writeback lands in no measurement."""
+    """`size` bytes at `path`, an MP4's start then random ones (the service checks that a
+    video starts like one), fsynced so their writeback lands in no measurement."""
     digest = hashlib.sha256()
     with open(path, "wb") as out:
-        remaining = size
+        start = STARTS["mp4"][:size]
+        digest.update(start)
+        out.write(start)
+        remaining = size - len(start)
         while remaining:
             chunk = os.urandom(min(remaining, 16 * _MIB))
             digest.update(chunk)

@@ -43,6 +43,7 @@ from bench._core import BenchError, Report, Role, Row, paired_ratio, shuffled_ro
 from bench._machine import filesystem
 from bench._nginx import serving
 from bench._proc import fresh_dir
+from tests.media_server import STARTS
 
 __all__ = ["add_arguments", "run"]
 
@@ -124,11 +125,12 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def _make_assets(folder: Path, files: int, rng: random.Random) -> list[tuple[str, Asset]]:
-    """Random images of random sizes, fsynced; their names and what they hold."""
+    """Images of random sizes, a PNG's start then random bytes, fsynced; their names and what
+    they hold."""
     folder.mkdir(parents=True)
     made = []
     for number in range(files):
-        data = os.urandom(rng.randint(_MIN_SIZE, _MAX_SIZE))
+        data = STARTS["png"] + os.urandom(rng.randint(_MIN_SIZE, _MAX_SIZE) - len(STARTS["png"]))
         name = f"{number:04d}.png"
         (folder / name).write_bytes(data)
         made.append((name, Asset(len(data), hashlib.sha256(data).hexdigest())))

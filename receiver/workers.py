@@ -27,6 +27,7 @@ from storage import (
     Fetched,
     FetchError,
     Limits,
+    NotMedia,
     S3Options,
     Sink,
     SinkError,
@@ -231,13 +232,22 @@ class Downloader:
             return self._failure(job, exc)
         keep = True  # whether the held bytes stay for the next attempt to resume from
         try:
-            fetched = fetch(job.url, writer, policy=self.policy, limits=self.limits, cancel=cancel)
+            fetched = fetch(
+                job.url,
+                writer,
+                policy=self.policy,
+                limits=self.limits,
+                cancel=cancel,
+                expect=job.kind.value,
+            )
             key = stem + extension(fetched.content_type, fetched.final_url)
             stored_at = utc_now()
             location = writer.commit(key, _sidecar(job, fetched, stored_at))
         except StorageError as exc:
             result = self._failure(job, exc)
-            keep = result.state is not AssetState.failed and not isinstance(exc, TooLarge)
+            keep = result.state is not AssetState.failed and not isinstance(
+                exc, TooLarge | NotMedia
+            )
             return result
         finally:
             # Whatever stopped the attempt, its file and lock are let go.

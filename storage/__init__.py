@@ -5,7 +5,14 @@ This package never imports `receiver`.
 
 from __future__ import annotations
 
-from storage._errors import FetchError, RefusedURL, SinkError, StorageError, TooLarge
+from storage._errors import (
+    FetchError,
+    NotMedia,
+    RefusedURL,
+    SinkError,
+    StorageError,
+    TooLarge,
+)
 from storage.fetch import MAX_RETRY_AFTER, Fetched, Limits, Writer, fetch
 from storage.guard import UrlPolicy, is_public_address
 from storage.local import LocalSink, LocalWriter
@@ -20,6 +27,7 @@ __all__ = [
     "Limits",
     "LocalSink",
     "LocalWriter",
+    "NotMedia",
     "RefusedURL",
     "S3Options",
     "S3Sink",

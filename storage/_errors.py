@@ -3,13 +3,14 @@
 StorageError
 ├── RefusedURL        the URL may not be downloaded (policy, SSRF guard)
 ├── FetchError        the download did not complete; `retry` says whether to try again
-│   └── TooLarge      the body is over the size limit
+│   ├── TooLarge      the body is over the size limit
+│   └── NotMedia      the body is not the kind of media it should be (a web page, an error)
 └── SinkError         the bytes could not be put in place (disk, bucket)
 """
 
 from __future__ import annotations
 
-__all__ = ["FetchError", "RefusedURL", "SinkError", "StorageError", "TooLarge"]
+__all__ = ["FetchError", "NotMedia", "RefusedURL", "SinkError", "StorageError", "TooLarge"]
 
 
 class StorageError(Exception):
@@ -48,6 +49,15 @@ class FetchError(StorageError):
 
 class TooLarge(FetchError):
     """The body is larger than the limit."""
+
+
+class NotMedia(FetchError):
+    """The body is not the media it should be: its Content-Type or its first bytes say so.
+
+    Worth trying again (a CDN may serve an error page for a while), and never stored.
+    """
+
+    retry = True
 
 
 class SinkError(StorageError):

@@ -7,9 +7,11 @@ at disk speed with flat memory (see BENCHMARKS.md). It never reads proxy
 variables, follows at most `max_redirects` redirects itself, checks every hop
 with the `UrlPolicy` and connects to the address that was checked.
 
-Every socket read is metered, so an attempt that trickles (below
-`Limits.min_rate` over a window, or past the deadline its size allows) ends
-even though no single read times out.
+Hostile or broken servers are bounded too: every socket read is metered, so an
+attempt that trickles (below `Limits.min_rate` over a window, or past the deadline
+its size allows) ends even though no single read times out; a forced gzip or
+deflate encoding is undone; and with `expect` the body must look like that kind of
+media before a byte of it reaches the writer.
 """
 
 from __future__ import annotations
@@ -22,16 +24,16 @@ import ssl
 import string
 import threading
 import time
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, urljoin, urlsplit
 
-from storage._errors import FetchError, TooLarge
+from storage._errors import FetchError, NotMedia, TooLarge
 from storage.guard import Target, UrlPolicy
-
-if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+from storage.sniff import HEAD_SIZE, KINDS, wrong_start, wrong_type
 
 __all__ = ["MAX_RETRY_AFTER", "READ_SIZE", "Fetched", "Limits", "Writer", "fetch"]
 
@@ -46,6 +48,8 @@ _TRANSIENT = {408, 425, 429, 500, 502, 503, 504}
 _NOT_YET = {403, 404, 410}
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also takes "²", which int() refuses
+# Encodings undone while streaming; others are refused.
+_DECODED = {"gzip", "x-gzip", "deflate"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,10 @@ class Writer(Protocol):
         """A sha256 over the held bytes."""
         ...
 
+    def head(self, size: int) -> bytes:
+        """The first `size` held bytes (fewer if fewer are held)."""
+        ...
+
     def restart(self, validator: str | None) -> None:
         """Drop the held bytes; what follows comes with this validator."""
         ...
@@ -124,20 +132,29 @@ def fetch(
     policy: UrlPolicy,
     limits: Limits = Limits(),
     cancel: threading.Event | None = None,
+    expect: str | None = None,
 ) -> Fetched:
     """Stream `url` into `writer`, resuming after its held bytes where the server allows it.
+
+    With `expect` ("video", "image" or "audio") the body must be that kind of media:
+    a Content-Type of another kind (text/html, application/json) or first bytes that
+    are not such a file raise `NotMedia` before any of it is written.
 
     Raises `RefusedURL` for a URL (or redirect) the policy refuses, `TooLarge`
     past `limits.max_bytes`, and `FetchError` (with `retry`, `status` and
     `retry_after`) for everything else that stops the download.
     """
+    if expect is not None and expect not in KINDS:
+        raise ValueError(f"expect must be one of {sorted(KINDS)}, not {expect!r}")
     meter = _Meter(url, limits, cancel)
     current = url
     for _ in range(limits.max_redirects + 1):
         target = policy.resolve(current)
         connection = _connect(target, limits, meter)
         try:
-            resume_from = writer.offset if writer.offset and writer.validator else 0
+            # Fewer held bytes than the check of a file's start needs are not worth a Range.
+            resumable = writer.offset >= HEAD_SIZE and writer.validator
+            resume_from = writer.offset if resumable else 0
             response = _request(connection, target, writer, resume_from)
             try:
                 if response.status in _REDIRECTS:
@@ -146,7 +163,7 @@ def fetch(
                         raise FetchError(url, f"HTTP {response.status} without a Location header")
                     current = urljoin(current, location)
                     continue
-                return _receive(url, current, response, writer, resume_from, limits, meter)
+                return _receive(url, current, response, writer, resume_from, limits, meter, expect)
             finally:
                 # A response that owns its connection (Connection: close) keeps the socket open
                 # until it is closed itself: hang up now, not when the exception is collected.
@@ -181,56 +198,206 @@ def _receive(
     resume_from: int,
     limits: Limits,
     meter: _Meter,
+    expect: str | None,
 ) -> Fetched:
     status = response.status
-    validator = _validator(response)
-    resumed = False
-    if status == 206 and resume_from:
-        start = _range_start(response)
-        if start != resume_from:
-            writer.restart(None)
-            raise FetchError(
-                url, f"the server resumed at byte {start}, not {resume_from}", retry=True
-            )
-        resumed = True
-    elif status == 200:
-        if writer.offset or writer.validator != validator:
-            writer.restart(validator)
-    elif status == 416 and resume_from:
+    if status == 416 and resume_from:
         # Held bytes that reach the end (a crash before commit) cannot be resumed: start over.
         writer.restart(None)
         raise FetchError(
             url, f"the server cannot resume at byte {resume_from}", retry=True, status=status
         )
-    else:
+    if status != 200 and not (status == 206 and resume_from):
         raise _status_error(url, response)
+    content_type = response.getheader("content-type")
+    refusal = wrong_type(expect, content_type) if expect is not None else None
+    if refusal is not None:
+        raise NotMedia(url, refusal, status=status)
+    decoder = _decoder(url, response.getheader("content-encoding"))
+    resumed = status == 206
+    if resumed:
+        _check_resume(url, response, writer, resume_from, decoder, expect)
+    else:
+        # Held decoded bytes cannot be resumed: a Range counts the encoded ones. No validator.
+        validator = None if decoder else _validator(response)
+        if writer.offset or writer.validator != validator:
+            writer.restart(validator)
 
     length = response.getheader("content-length") or ""
     remaining = int(length) if _DIGITS.fullmatch(length) else None
     expected = None if remaining is None else writer.offset + remaining
-    if expected is not None and expected > limits.max_bytes:
+    if decoder is None and expected is not None and expected > limits.max_bytes:
         raise TooLarge(url, f"the file is {expected} bytes, over the {limits.max_bytes} allowed")
     if remaining is not None:
         meter.allow(remaining)
 
-    content_type = response.getheader("content-type")
-    writer.begin(content_type, final_url, expected)
-    digest = writer.hasher()
-    size = writer.offset
-    while True:
-        buffer = writer.buffer()
-        count = response.readinto(buffer)
-        if not count:
-            break
-        size += count
-        if size > limits.max_bytes:
-            raise TooLarge(url, f"the file is over the {limits.max_bytes} bytes allowed")
-        chunk = buffer[:count]
-        digest.update(chunk)
-        writer.write(chunk)
-    if expected is not None and size != expected:
-        raise FetchError(url, f"the body ended after {size} of {expected} bytes", retry=True)
-    return Fetched(url, final_url, size, digest.hexdigest(), content_type, resumed)
+    writer.begin(content_type, final_url, None if decoder else expected)
+    body = _Body(url, writer, limits, None if resumed else expect)
+    held = writer.offset
+    if decoder is None:
+        body.copy(response)
+    else:
+        body.decode(response, decoder)
+    if remaining is not None and body.raw != remaining:
+        raise FetchError(
+            url, f"the body ended after {held + body.raw} of {expected} bytes", retry=True
+        )
+    return Fetched(url, final_url, body.size, body.digest.hexdigest(), content_type, resumed)
+
+
+def _check_resume(
+    url: str,
+    response: http.client.HTTPResponse,
+    writer: Writer,
+    resume_from: int,
+    decoder: _Decoder | None,
+    expect: str | None,
+) -> None:
+    """Refuse a 206 that cannot continue the held bytes; each refusal drops them."""
+    start = _range_start(response)
+    if start != resume_from:
+        writer.restart(None)
+        raise FetchError(url, f"the server resumed at byte {start}, not {resume_from}", retry=True)
+    if decoder is not None:
+        writer.restart(None)
+        raise FetchError(url, "the server resumed in an encoding it did not use before", retry=True)
+    refusal = wrong_start(expect, writer.head(HEAD_SIZE)) if expect is not None else None
+    if refusal is not None:
+        writer.restart(None)
+        raise NotMedia(url, f"the bytes held from an earlier attempt: {refusal}")
+
+
+class _Body:
+    """The body on its way into the writer: its start checked, its size bounded, hashed."""
+
+    def __init__(self, url: str, writer: Writer, limits: Limits, expect: str | None) -> None:
+        self.url = url
+        self.writer = writer
+        self.limits = limits
+        self.expect = expect  # None once the start is checked (or when nothing is expected)
+        self.digest = writer.hasher()
+        self.size = writer.offset  # media bytes: what the stored file holds
+        self.raw = 0  # bytes of the response body, before any decoding
+
+    def copy(self, response: http.client.HTTPResponse) -> None:
+        """Read the body into the writer's buffers as it comes."""
+        buffer, filled = self.writer.buffer(), 0
+        while True:
+            count = response.readinto(buffer[filled:])
+            self._received(count)
+            filled += count
+            if count and self.expect is not None and filled < HEAD_SIZE:
+                continue  # a file's start is judged whole: read on into the same buffer
+            if filled:
+                self._put(buffer[:filled])
+                buffer, filled = self.writer.buffer(), 0
+            if not count:
+                return self._end()
+
+    def decode(self, response: http.client.HTTPResponse, decoder: _Decoder) -> None:
+        """Read the body, undo its encoding, and fill the writer's buffers with the result."""
+        scratch = memoryview(bytearray(READ_SIZE))
+        buffer, filled = self.writer.buffer(), 0
+        while True:
+            count = response.readinto(scratch)
+            self._received(count)
+            for piece in decoder.feed(scratch[:count]) if count else decoder.end():
+                view = memoryview(piece)
+                while view:
+                    take = min(len(view), len(buffer) - filled)
+                    buffer[filled : filled + take] = view[:take]
+                    filled, view = filled + take, view[take:]
+                    if filled == len(buffer):
+                        self._put(buffer)
+                        buffer, filled = self.writer.buffer(), 0
+            if count and self.expect is not None and filled < HEAD_SIZE:
+                continue
+            if filled:
+                self._put(buffer[:filled])
+                buffer, filled = self.writer.buffer(), 0
+            if not count:
+                return self._end()
+
+    def _received(self, count: int) -> None:
+        self.raw += count
+        if self.raw > self.limits.max_bytes:
+            raise TooLarge(self.url, f"the file is over the {self.limits.max_bytes} bytes allowed")
+
+    def _put(self, chunk: memoryview) -> None:
+        if self.expect is not None:
+            self._check_start(bytes(chunk[:HEAD_SIZE]))
+        self.size += len(chunk)
+        if self.size > self.limits.max_bytes:
+            raise TooLarge(self.url, f"the file is over the {self.limits.max_bytes} bytes allowed")
+        self.digest.update(chunk)
+        self.writer.write(chunk)
+
+    def _end(self) -> None:
+        if self.expect is not None:
+            self._check_start(b"")  # an empty body is no media file
+
+    def _check_start(self, head: bytes) -> None:
+        assert self.expect is not None
+        refusal = wrong_start(self.expect, head)
+        if refusal is not None:
+            raise NotMedia(self.url, refusal)
+        self.expect = None
+
+
+class _Decoder:
+    """Undoes a gzip or deflate Content-Encoding, at most READ_SIZE bytes of output at a time.
+
+    A server that compresses although asked for identity still sends the media: decoding
+    keeps it, where refusing would fail the asset on every retry. What is stored, hashed,
+    sized, checked and held to `max_bytes` is the decoded media.
+    """
+
+    def __init__(self, url: str, encoding: str) -> None:
+        self.url = url
+        self.encoding = encoding
+        self._inflate = self._start()
+
+    @staticmethod
+    def _start() -> zlib._Decompress:
+        # 32 + MAX_WBITS reads a gzip or a zlib header alike: servers mislabel the two.
+        return zlib.decompressobj(32 + zlib.MAX_WBITS)
+
+    def feed(self, data: memoryview) -> Iterator[bytes]:
+        """The decoded bytes that `data`, the next of the body, gives."""
+        pending: bytes | memoryview = data
+        try:
+            while True:
+                if self._inflate.eof and pending:
+                    self._inflate = self._start()  # gzip allows several members, one after another
+                out = self._inflate.decompress(pending, READ_SIZE)
+                if out:
+                    yield out
+                pending = self._inflate.unused_data if self._inflate.eof else b""
+                pending = pending or self._inflate.unconsumed_tail
+                if not pending and len(out) < READ_SIZE:
+                    return
+        except zlib.error as exc:
+            raise FetchError(
+                self.url, f"the {self.encoding} body cannot be decoded: {exc}", retry=True
+            ) from exc
+
+    def end(self) -> Iterator[bytes]:
+        """Nothing more: the stream must have reached its end."""
+        if not self._inflate.eof:
+            raise FetchError(self.url, f"the {self.encoding} body ended midway", retry=True)
+        return iter(())
+
+
+def _decoder(url: str, header: str | None) -> _Decoder | None:
+    """What undoes the body's Content-Encoding; None for none. Other encodings are refused."""
+    codings = [c.strip().lower() for c in (header or "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in _DECODED:
+        return _Decoder(url, codings[0])
+    encoding = ", ".join(codings)
+    raise FetchError(url, f"the body is {encoding}-encoded, which is not decoded", retry=True)
 
 
 def _validator(response: http.client.HTTPResponse) -> str | None:
@@ -332,7 +499,8 @@ class _MeteredSocket(socket.socket):
 
     meter: _Meter
 
-    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:
+    # `buffer` is any writable buffer (typeshed's WriteableBuffer, a stub-only name).
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         count = super().recv_into(buffer, nbytes, flags)
         self.meter.count(count)
         return count
@@ -343,7 +511,7 @@ class _MeteredSSLSocket(ssl.SSLSocket):
 
     meter: _Meter
 
-    def recv_into(self, buffer: WriteableBuffer, nbytes: int | None = None, flags: int = 0) -> int:
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
         count = super().recv_into(buffer, nbytes, flags)
         self.meter.count(count)
         return count

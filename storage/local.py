@@ -121,6 +121,11 @@ class LocalWriter:
                 remaining -= len(chunk)
         return digest
 
+    def head(self, size: int) -> bytes:
+        """The first `size` held bytes (fewer if fewer are held)."""
+        with self._errors():
+            return os.pread(self._fd, min(size, self._offset), 0)
+
     def restart(self, validator: str | None) -> None:
         with self._errors():
             os.ftruncate(self._fd, 0)

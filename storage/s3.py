@@ -326,6 +326,10 @@ class S3Writer:
     def hasher(self) -> hashlib._Hash:
         return hashlib.sha256()
 
+    def head(self, size: int) -> bytes:
+        """Nothing: an S3 writer holds no bytes from an earlier attempt."""
+        return b""
+
     def restart(self, validator: str | None) -> None:
         self._stop()
         self._validator = validator

@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import random
 import re
 import threading
 import time
@@ -46,7 +45,7 @@ import httpx
 import jwt
 from standardwebhooks.webhooks import Webhook
 
-from tests.media_server import MediaServer, Serve
+from tests.media_server import STARTS, MediaServer, Serve, media_bytes
 
 PREFIX = "/kling"
 TASKS = "/tasks"  # the new standard's batch query (GET) and listing (POST), under PREFIX
@@ -384,7 +383,7 @@ class FakeKling:
         suffix: str | None = None,
         content_type: str | None = None,
     ) -> str:
-        """A new file with random bytes on the media server; returns its URL.
+        """A new file on the media server, its start that of its suffix's format; its URL.
 
         It ends in `suffix` (else .png or .mp4, as the action makes) and is served with
         `content_type` (else the suffix's: .mp4, .png, .mp3, .wav).
@@ -392,7 +391,8 @@ class FakeKling:
         assert self.media is not None, "FakeKling needs a media server to make result files"
         suffix = suffix or (".png" if default_output(action) == "image" else ".mp4")
         path = stem + suffix
-        body = random.Random(path).randbytes(5000)
+        like = suffix[1:] if suffix[1:] in STARTS else "mp4"
+        body = media_bytes(5000, path, like)
         served = content_type or _CONTENT_TYPES.get(suffix, "application/octet-stream")
         url = self.media.add(path, body, [Serve(content_type=served)])
         self.files[url] = body

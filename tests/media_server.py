@@ -5,29 +5,56 @@ Redirect, WrongRange, Unsized, Trickle), one consumed per request (the last one
 repeats). Every request is logged with its headers and when its answer ended,
 so tests can count fetches, see `Range` requests and time a slow answer.
 
-    server.add("/v.mp4", body, [Cut(1000), Cut(5000), Serve()])
+    server.add("/v.mp4", media_bytes(64_000), [Cut(1000), Cut(5000), Serve()])
+
+The service checks that a body starts like the media it should be: `media_bytes`
+makes bodies that do (an MP4, a PNG, an MP3…), followed by random bytes.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import random
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+# The first bytes of each format, enough for the service's check of a file's start.
+STARTS = {
+    "mp4": b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom",
+    "png": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+    "jpeg": b"\xff\xd8\xff\xe0\x00\x10JFIF\x00",
+    "mp3": b"ID3\x04\x00\x00\x00\x00\x00\x00",
+    "wav": b"RIFF\x24\x00\x00\x00WAVEfmt ",
+}
+
+
+def media_bytes(size: int, seed: int | str | bytes = 0, like: str = "mp4") -> bytes:
+    """`size` bytes that start like a file of the format `like` (a key of STARTS) and go on
+    as random bytes; the same seed gives the same bytes."""
+    start = STARTS[like]
+    return (start + random.Random(seed).randbytes(max(0, size - len(start))))[:size]
+
 
 @dataclass(frozen=True)
 class Serve:
-    """Serve the file properly: ETag, Range with If-Range, and `rate` bytes/s if set."""
+    """Serve the file properly: ETag, Range with If-Range, and `rate` bytes/s if set.
+
+    With `encoding` ("gzip" or "deflate") the body is compressed and sent with that
+    Content-Encoding, although the client asked for identity (Range counts its bytes).
+    """
 
     ranges: bool = True
     rate: int | None = None
     content_type: str = "video/mp4"
+    encoding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -40,10 +67,11 @@ class Cut:
 
 @dataclass(frozen=True)
 class Status:
-    """Answer with this status and headers, and a short body."""
+    """Answer with this status and headers, and `body` (else a short line naming the status)."""
 
     code: int
     headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -184,7 +212,9 @@ class MediaServer:
             def _answer(self, route: _Route | None, behaviour: Behaviour) -> None:
                 if isinstance(behaviour, Status) or route is None:
                     assert isinstance(behaviour, Status)
-                    body = f"status {behaviour.code}\n".encode()
+                    body = behaviour.body
+                    if body is None:
+                        body = f"status {behaviour.code}\n".encode()
                     self.send_response(behaviour.code)
                     for name, value in behaviour.headers.items():
                         self.send_header(name, value)
@@ -212,9 +242,11 @@ class MediaServer:
                 if isinstance(behaviour, Trickle):
                     self._trickle(route, behaviour)
                     return
+                encoding = behaviour.encoding if isinstance(behaviour, Serve) else None
+                body = _encode(route.body, encoding)
                 ranges = behaviour.ranges
-                start = self._range_start(route) if ranges else 0
-                part = route.body[start:]
+                start = self._range_start(route, len(body)) if ranges else 0
+                part = body[start:]
                 self.send_response(206 if start else 200)
                 content_type = (
                     behaviour.content_type if isinstance(behaviour, Serve) else "video/mp4"
@@ -222,10 +254,12 @@ class MediaServer:
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(part)))
                 self.send_header("ETag", route.etag)
+                if encoding:
+                    self.send_header("Content-Encoding", encoding)
                 if ranges:
                     self.send_header("Accept-Ranges", "bytes")
                 if start:
-                    total = len(route.body)
+                    total = len(body)
                     self.send_header("Content-Range", f"bytes {start}-{total - 1}/{total}")
                 self.end_headers()
                 if isinstance(behaviour, Cut):
@@ -278,7 +312,7 @@ class MediaServer:
                     self.wfile.flush()
                     time.sleep(behaviour.every)
 
-            def _range_start(self, route: _Route) -> int:
+            def _range_start(self, route: _Route, size: int) -> int:
                 asked = self.headers.get("Range", "")
                 if not asked.startswith("bytes=") or not asked.endswith("-"):
                     return 0
@@ -286,7 +320,7 @@ class MediaServer:
                 if if_range is not None and if_range != route.etag:
                     return 0
                 start = int(asked[len("bytes=") : -1])
-                return start if 0 < start < len(route.body) else 0
+                return start if 0 < start < size else 0
 
             def _send(self, data: bytes, rate: int | None) -> None:
                 if rate is None:
@@ -299,6 +333,16 @@ class MediaServer:
                     time.sleep(0.05)
 
         return Handler
+
+
+def _encode(body: bytes, encoding: str | None) -> bytes:
+    """The body as a server that compresses it sends it."""
+    if encoding == "gzip":
+        return gzip.compress(body, mtime=0)
+    if encoding == "deflate":
+        return zlib.compress(body)
+    assert encoding is None, encoding
+    return body
 
 
 @contextmanager

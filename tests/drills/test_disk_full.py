@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import resource
 import shutil
 import signal
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from receiver import tokens
-from tests.media_server import MediaServer
+from tests.media_server import MediaServer, media_bytes
 from tests.support import Service, succeed_payload, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -80,7 +79,7 @@ def test_file_too_large_for_the_disk_stays_queued_then_completes(
     services: Callable[..., Service], media: MediaServer
 ) -> None:
     """RLIMIT_FSIZE of 1 MiB, a 3 MiB file: queued with the reason; stored once unlimited."""
-    body = random.Random(27).randbytes(3 * MiB)
+    body = media_bytes(3 * MiB, 27)
     url = media.add("/full/a.mp4", body)
     service = services(env=ENV, rlimits={resource.RLIMIT_FSIZE: MiB})
     root = service.data_dir / "assets"
@@ -141,7 +140,7 @@ def test_disk_without_space_pauses_downloads_until_space_is_freed(
     """A real full disk (ENOSPC) mid-file: the file waits, queued, and downloads pause
     (/readyz says why); once space is freed the storage check (STORAGE_CHECK_SECONDS) resumes
     it, with no restart."""
-    body = random.Random(28).randbytes(24 * MiB)
+    body = media_bytes(24 * MiB, 28)
     url = media.add("/nospace/a.mp4", body)
     filler = small_disk / "filler"
     # 20 MiB free: above the 16 MiB the storage check wants, below the 24 MiB file.
@@ -188,7 +187,7 @@ def test_disk_full_at_the_sidecar_leaves_nothing_under_the_final_name(
     under a final name"); once space is back (and the service restarted, which saves the
     15 s wait for the storage recheck) it completes, with nothing left over.
     """
-    body = random.Random(29).randbytes(20 * MiB)
+    body = media_bytes(20 * MiB, 29)
     url = media.add("/sidecar/a.mp4", body)
     filler = small_disk / "filler"
     filler.write_bytes(bytes(shutil.disk_usage(small_disk).free - len(body) - 4096))

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from receiver import tokens
-from tests.media_server import MediaServer, Serve
+from tests.media_server import MediaServer, Serve, media_bytes
 from tests.support import Service, succeed_payload, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -150,7 +150,7 @@ class Stream:
         urls = []
         for index in range(rng.choice([1, 2])):
             size = int(math.exp(rng.uniform(math.log(100_000), math.log(2_000_000))))
-            data = rng.randbytes(size)
+            data = media_bytes(size, rng.randbytes(8), "png" if image else "mp4")
             rate = rng.choice([1 << 20, 2 << 20]) if rng.random() < 0.35 else None
             path = f"/kd/{number}/{index}.{'png' if image else 'mp4'}"
             url = self.media.add(path, data, [Serve(rate=rate, content_type=content_type)])

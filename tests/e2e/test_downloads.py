@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from receiver import tokens
-from tests.media_server import MediaServer, Serve, Trickle
+from tests.media_server import MediaServer, Serve, Status, Trickle, media_bytes
 from tests.support import (
     Service,
     assert_error,
@@ -78,7 +78,7 @@ def test_callback_ends_stored_and_archived(
 ) -> None:
     """A succeed callback is downloaded by `serve`'s workers, stored with a sidecar and archived."""
     service = spawn()
-    body = random.Random(1).randbytes(300_000)
+    body = media_bytes(300_000, 1)
     url = media.add("/e2e/a.mp4", body)
 
     deliver(service, "kr_e2e_a", succeed("e2ea", "kr_e2e_a", [url]))
@@ -104,7 +104,7 @@ def test_killed_download_resumes_after_restart(
 ) -> None:
     """SIGKILL mid-download, then a restart: the file completes by Range, with the right sha256."""
     service = spawn(DOWNLOAD_CONCURRENCY="1", DOWNLOAD_LEASE_SECONDS="2")
-    body = random.Random(8).randbytes(8 << 20)
+    body = media_bytes(8 << 20, 8)
     url = media.add("/e2e/big.mp4", body, [Serve(rate=2 << 20), Serve()])
     part = service.data_dir / "assets" / T2V / "e2ebig" / ".0.part"
 
@@ -142,7 +142,7 @@ def test_two_worker_processes_fetch_each_file_once(
     for t in range(50):
         paths = [f"/e2e/many/{t}/{n}.png" for n in (0, 1)]
         for path in paths:
-            bodies[path] = random.Random(path).randbytes(2000)
+            bodies[path] = media_bytes(2000, path, "png")
             # ~0.1 s a fetch, so that both workers are busy at once.
             media.add(path, bodies[path], [Serve(rate=20_000, content_type="image/png")])
         external = f"kr_e2e_many_{t}"
@@ -182,7 +182,7 @@ def test_retry_from_the_cli_and_the_api_fetches_again(
 ) -> None:
     """`retry --force` and POST /api/tasks/{id}/retry queue assets that are then fetched again."""
     service = spawn(DOWNLOAD_NOT_FOUND_TRIES="1")
-    old, new = b"old bytes" * 1000, b"new bytes" * 1000
+    old, new = media_bytes(9000, "old"), media_bytes(9000, "new")
     url = media.add("/e2e/r.mp4", old)
     deliver(service, "kr_e2e_r", succeed("e2er", "kr_e2e_r", [url]))
     wait_for(service.archived("e2er"), "the first download")
@@ -235,6 +235,53 @@ def test_retry_from_the_cli_and_the_api_fetches_again(
     assert_error(missing, 404, "unknown_task", "no-such-task")
 
 
+def asset_states(service: Service, task_id: str) -> Callable[[], list[str]]:
+    return lambda: [asset["state"] for asset in service.task(task_id)["assets"]]
+
+
+def test_an_error_page_is_never_stored_as_the_video(
+    spawn: Callable[..., Service], media: MediaServer
+) -> None:
+    """A 200 with an HTML page (as text/html, or disguised as octet-stream) for a video is
+    retried, then the asset fails with the reason; nothing is left in storage."""
+    service = spawn(DOWNLOAD_RETRY_HOURS=str(1.5 / 3600))
+    page = b"<html><body><h1>403 Forbidden</h1></body></html>\n"
+    urls = [
+        media.add("/e2e/page.mp4", page, [Serve(content_type="text/html")]),
+        media.add("/e2e/disguised.mp4", page, [Serve(content_type="application/octet-stream")]),
+    ]
+    deliver(service, "kr_e2e_page", succeed("e2epage", "kr_e2e_page", urls))
+    wait_for(lambda: asset_states(service, "e2epage")() == ["failed"] * 2, "both to fail", 15)
+
+    first, second = service.task("e2epage")["assets"]
+    assert first["error"] == "the server sent text/html, not a video"
+    assert second["error"] == "the body is not a video: it starts like HTML"
+    assert first["attempts"] >= 2 and second["attempts"] >= 2
+    assert (first["location"], first["sha256"], second["location"]) == (None, None, None)
+    assert stored_files(service.data_dir / "assets") == []
+    assert leftovers(service.data_dir / "assets") == []
+    assert not service.task("e2epage")["archived"]
+
+
+def test_a_gzip_forced_video_is_stored_decoded(
+    spawn: Callable[..., Service], media: MediaServer
+) -> None:
+    """A server that gzips although asked for identity: the video is stored decoded, with
+    the video's own sha256 and size in the ledger and the sidecar."""
+    service = spawn()
+    body = media_bytes(200_000, "gz") + bytes(300_000)
+    url = media.add("/e2e/gz.mp4", body, [Serve(encoding="gzip")])
+
+    deliver(service, "kr_e2e_gz", succeed("e2egz", "kr_e2e_gz", [url]))
+    wait_for(service.archived("e2egz"), "the task to be archived")
+
+    (asset,) = service.task("e2egz")["assets"]
+    assert (asset["sha256"], asset["size"]) == (sha(body), len(body))
+    assert Path(asset["location"]).read_bytes() == body
+    sidecar = json.loads(Path(asset["location"] + ".json").read_text())
+    assert (sidecar["sha256"], sidecar["size"]) == (sha(body), len(body))
+
+
 def test_trickles_free_their_slots_for_the_assets_behind_them(
     spawn: Callable[..., Service], media: MediaServer
 ) -> None:
@@ -243,12 +290,10 @@ def test_trickles_free_their_slots_for_the_assets_behind_them(
     is stored."""
     service = spawn(DOWNLOAD_CONCURRENCY="4", DOWNLOAD_MIN_RATE="1000", DOWNLOAD_RATE_WINDOW="1")
     drips = [f"/e2e/drip/{n}.mp4" for n in range(4)]
-    urls = [
-        media.add(path, random.Random(path).randbytes(1000), [Trickle(every=0.2)]) for path in drips
-    ]
+    urls = [media.add(path, media_bytes(1000, path), [Trickle(every=0.2)]) for path in drips]
     deliver(service, "kr_e2e_drip", succeed("e2edrip", "kr_e2e_drip", urls))
     wait_for(lambda: all(media.hits(path) for path in drips), "all four slots to be taken")
-    body = random.Random("behind").randbytes(100_000)
+    body = media_bytes(100_000, "behind")
     behind = media.add("/e2e/behind.mp4", body)
 
     deliver(service, "kr_e2e_behind", succeed("e2ebehind", "kr_e2e_behind", [behind]))
@@ -261,3 +306,27 @@ def test_trickles_free_their_slots_for_the_assets_behind_them(
     for asset in service.task("e2edrip")["assets"]:
         if asset["error"] is not None:
             assert asset["error"].startswith("too slow: ")
+
+
+def test_a_huge_retry_after_neither_jams_nor_parks_the_asset(
+    spawn: Callable[..., Service], media: MediaServer
+) -> None:
+    """Retry-After: 99999999999999999999 once, then the file: the same process stores it, at
+    the end of a 3.6 s retry horizon rather than never."""
+    service = spawn(DOWNLOAD_RETRY_HOURS="0.001")
+    body = media_bytes(50_000, "later")
+    hostile = Status(503, {"Retry-After": "99999999999999999999"})
+    url = media.add("/e2e/later.mp4", body, [hostile, Serve()])
+    assert service.process is not None
+    pid = service.process.pid
+
+    deliver(service, "kr_e2e_later", succeed("e2elater", "kr_e2e_later", [url]))
+    wait_for(service.archived("e2elater"), "the retried download", 10)
+
+    (asset,) = service.task("e2elater")["assets"]
+    assert (asset["state"], asset["sha256"], asset["attempts"]) == ("stored", sha(body), 2)
+    assert service.process is not None and service.process.pid == pid
+    assert service.process.poll() is None
+    assert len(media.hits("/e2e/later.mp4")) == 2
+    messages = [entry.get("message") for entry in service.log_entries()]
+    assert "download crashed" not in messages

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import signal
 import time
 import uuid
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from receiver import tokens
-from tests.media_server import MediaServer
+from tests.media_server import MediaServer, media_bytes
 from tests.s3_server import SeaweedS3
 from tests.support import Service, succeed_payload, wait_for
 
@@ -102,8 +101,8 @@ def test_task_lands_in_the_bucket_and_is_archived(
 ) -> None:
     """Callback -> a multipart video and a one-PUT video in S3, with metadata and sidecars."""
     service = spawn()
-    big = random.Random(51).randbytes(12 * MiB)  # over S3_PART_SIZE: a multipart upload
-    small = random.Random(52).randbytes(300_000)  # one PUT
+    big = media_bytes(12 * MiB, 51)  # over S3_PART_SIZE: a multipart upload
+    small = media_bytes(300_000, 52)  # one PUT
     urls = [media.add("/s3/big.mp4", big), media.add("/s3/small.mp4", small)]
 
     deliver(service, "s3task", urls)
@@ -154,7 +153,7 @@ def test_wrong_credentials_wait_then_store_once_fixed(
     reason = storage_problem(service)
     assert "refused the credentials" in reason and "AWS_SECRET_ACCESS_KEY" in reason
 
-    body = random.Random(53).randbytes(200_000)
+    body = media_bytes(200_000, 53)
     deliver_and_see_it_wait(service, media, "s3wait", "/s3/wait.mp4", body)
 
     service.extra_env["AWS_SECRET_ACCESS_KEY"] = s3.secret_key
@@ -171,7 +170,7 @@ def test_forced_recheck_does_not_upload_again(
 ) -> None:
     """`retry --force` of a stored S3 asset downloads and compares it, and leaves the object be."""
     service = spawn()
-    body = random.Random(54).randbytes(6 * MiB)
+    body = media_bytes(6 * MiB, 54)
     url = media.add("/s3/again.mp4", body)
     deliver(service, "s3again", [url])
     wait_for(service.archived("s3again"), "the first store", 30)
@@ -208,7 +207,7 @@ def test_missing_bucket_waits_then_stores_once_created(
         f"bucket {bucket} does not exist at {s3.endpoint_url}: create it, or correct STORAGE_URL"
     )
 
-    body = random.Random(55).randbytes(7 * MiB)  # over S3_PART_SIZE: a multipart upload
+    body = media_bytes(7 * MiB, 55)  # over S3_PART_SIZE: a multipart upload
     deliver_and_see_it_wait(service, media, "s3bucket", "/s3/bucket.mp4", body)
 
     s3.create_bucket(bucket)

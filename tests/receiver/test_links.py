@@ -14,7 +14,7 @@ from receiver import tokens
 from receiver.app import create_app
 from receiver.links import file_link, open_link
 from receiver.settings import Settings
-from tests.media_server import MediaServer
+from tests.media_server import MediaServer, media_bytes
 from tests.support import ADMIN_TOKEN, fixture_json, wait_for
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -47,7 +47,7 @@ def test_the_api_hands_out_a_link_that_serves_the_stored_file(
     settings: Settings, media: MediaServer, tmp_path: Path
 ) -> None:
     """A stored asset gets a URL with an expiry that serves its bytes; a bad link is a 404."""
-    body = b"archived bytes " * 1000
+    body = media_bytes(15_000, "archived")
     url = media.add("/linked.mp4", body)
     updated = settings.model_copy(
         update={"download_concurrency": 1, "allow_private_downloads": True}
@@ -93,10 +93,11 @@ def test_the_link_of_one_file_among_an_outputs_several_names_kind_and_variant(
     settings: Settings, media: MediaServer
 ) -> None:
     """An audio output's mp3 and wav share index 0: each gets its link by `variant`."""
-    files = {"mp3": b"ID3 mp3 bytes " * 300, "wav": b"RIFF wav bytes " * 300}
+    files = {"mp3": media_bytes(4200, "a", "mp3"), "wav": media_bytes(4500, "a", "wav")}
+    video_body = media_bytes(3600, "v")
     mp3 = media.add("/a.mp3", files["mp3"])
     wav = media.add("/a.wav", files["wav"])
-    video = media.add("/v.mp4", b"video bytes " * 300)
+    video = media.add("/v.mp4", video_body)
     task_id = "913827032734650009"
     outputs = [
         {"type": "video", "id": "v", "url": video},
@@ -117,7 +118,7 @@ def test_the_link_of_one_file_among_an_outputs_several_names_kind_and_variant(
         )
         base = f"/api/tasks/{task_id}/assets/0/url"
         main = client.get(base, headers=ADMIN)  # the one file at index 0 without a variant
-        assert client.get(urlsplit(main.json()["url"]).path).content == b"video bytes " * 300
+        assert client.get(urlsplit(main.json()["url"]).path).content == video_body
         vague = client.get(base + "?kind=audio", headers=ADMIN)
         assert vague.status_code == 400
         message = vague.json()["message"]

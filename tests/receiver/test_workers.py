@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-import random
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -35,7 +34,7 @@ from receiver.settings import Settings
 from receiver.shapes import parse_task
 from receiver.workers import Downloader, RetryPolicy, asset_stem, downloader_for
 from storage import MAX_RETRY_AFTER, FetchError, LocalSink, LocalWriter, SinkError, UrlPolicy
-from tests.media_server import Cut, MediaServer, Serve, Short, Status, Trickle
+from tests.media_server import Cut, MediaServer, Serve, Short, Status, Trickle, media_bytes
 from tests.support import ADMIN_TOKEN, succeed_payload
 
 pytestmark = pytest.mark.anyio
@@ -57,9 +56,9 @@ async def ledger(settings: Settings) -> AsyncIterator[Ledger]:
         yield opened
 
 
-def payload(n: int = 1) -> bytes:
-    """Distinct, incompressible bytes of length n."""
-    return random.Random(n).randbytes(n)
+def payload(n: int = 1, like: str = "mp4") -> bytes:
+    """n distinct bytes that start like a file of the format `like` (an MP4, a PNG)."""
+    return media_bytes(n, n, like)
 
 
 def sha(data: bytes) -> str:
@@ -404,7 +403,7 @@ async def test_sidecar_describes_the_file(
     settings: Settings, ledger: Ledger, media: MediaServer
 ) -> None:
     """Each stored file has a JSON sidecar naming its task, action, source, hash, size and type."""
-    body = payload(4321)
+    body = payload(4321, "png")
     url = media.add("/img.png", body, [Serve(content_type="image/png")])
     await queue(ledger, "tside", [url], action=IMAGES)
 
@@ -427,7 +426,7 @@ async def test_task_is_archived_once_every_asset_is_stored(
     settings: Settings, ledger: Ledger, media: MediaServer
 ) -> None:
     """A task is archived when its last asset is stored, and the API lists it as archived."""
-    urls = [media.add(f"/arch/{n}.png", payload(100 + n)) for n in range(2)]
+    urls = [media.add(f"/arch/{n}.png", payload(100 + n, "png")) for n in range(2)]
     await queue(ledger, "tarch", urls, action=IMAGES)
     await queue(ledger, "tother", [media.url("/arch/missing.png")], action=IMAGES)
     downloader = pool(settings, ledger)
@@ -584,7 +583,9 @@ async def test_two_pools_on_one_ledger_fetch_each_asset_once(
     settings: Settings, ledger: Ledger, media: MediaServer
 ) -> None:
     """Two Downloaders sharing a ledger fetch each of 20 assets exactly once."""
-    bodies = {f"/two/{t}/{n}.png": payload(1000 + 10 * t + n) for t in range(10) for n in (0, 1)}
+    bodies = {
+        f"/two/{t}/{n}.png": payload(1000 + 10 * t + n, "png") for t in range(10) for n in (0, 1)
+    }
     for path, body in bodies.items():
         media.add(path, body, [Serve(content_type="image/png")])
     pools = [pool(settings, ledger, concurrency=3), pool(settings, ledger, concurrency=3)]
@@ -814,6 +815,71 @@ async def test_a_failure_path_that_raises_still_frees_the_file_and_settles(
     stored = await asset(ledger, "tcrash")
     assert (stored.state, stored.sha256, stored.error) == (AssetState.stored, sha(body), None)
     assert media.hits("/crash.mp4")[1].headers["Range"] == "bytes=20000-"
+
+
+PAGE = b"<!DOCTYPE html><html><body><h1>403 Forbidden</h1></body></html>\n"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "reason"),
+    [
+        ("text/html", "the server sent text/html, not a video"),
+        ("application/octet-stream", "the body is not a video: it starts like HTML"),
+    ],
+)
+async def test_a_web_page_is_never_stored_as_the_video(
+    settings: Settings, ledger: Ledger, media: MediaServer, content_type: str, reason: str
+) -> None:
+    """A 200 with an error page is retried while the horizon lasts, then fails with the
+    reason; no file (nor part of one) is left."""
+    url = media.add("/page.mp4", PAGE, [Serve(content_type=content_type)])
+    await queue(ledger, "tpage", [url])
+    downloader = pool(settings, ledger, download_retry_hours=0.5 / 3600)
+
+    await attempt(downloader)
+    retried = await asset(ledger, "tpage")
+    assert (retried.state, retried.error) == (AssetState.pending, f"{reason} (will try again)")
+    assert files(task_dir(settings, "tpage")) == []
+    await asyncio.sleep(0.6)  # past the half-second horizon
+    await attempt(downloader)
+
+    failed = await asset(ledger, "tpage")
+    assert (failed.state, failed.error, failed.location) == (AssetState.failed, reason, None)
+    assert files(task_dir(settings, "tpage")) == []
+
+
+async def test_an_image_asset_holding_audio_is_refused(
+    settings: Settings, ledger: Ledger, media: MediaServer
+) -> None:
+    """The kind checked is the asset's: an MP3 where an image is due is not stored."""
+    url = media.add("/i.png", payload(3000, "mp3"), [Serve(content_type="image/png")])
+    await queue(ledger, "tkind", [url], action=IMAGES)
+
+    await attempt(pool(settings, ledger))
+
+    refused = await asset(ledger, "tkind")
+    assert refused.state is AssetState.pending
+    assert refused.error is not None
+    assert refused.error.startswith("the body is not an image: it starts like an MP3 file")
+
+
+async def test_a_gzipped_video_is_stored_decoded(
+    settings: Settings, ledger: Ledger, media: MediaServer
+) -> None:
+    """A server forcing gzip: the file, its sha256, size and sidecar are the video's own."""
+    body = payload(100_000) + bytes(100_000)
+    url = media.add("/gz.mp4", body, [Serve(encoding="gzip")])
+    await queue(ledger, "tgz", [url])
+
+    await attempt(pool(settings, ledger))
+
+    stored = await asset(ledger, "tgz")
+    assert (stored.state, stored.sha256, stored.size) == (AssetState.stored, sha(body), len(body))
+    assert content(stored.location) == body
+    assert (sidecar_of(stored.location)["sha256"], sidecar_of(stored.location)["size"]) == (
+        sha(body),
+        len(body),
+    )
 
 
 async def test_the_rate_settings_cut_a_trickle(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import random
 import socket
@@ -22,6 +23,7 @@ from storage import (
     Limits,
     LocalSink,
     LocalWriter,
+    NotMedia,
     RefusedURL,
     TooLarge,
     UrlPolicy,
@@ -38,6 +40,7 @@ from tests.media_server import (
     Trickle,
     Unsized,
     WrongRange,
+    media_bytes,
 )
 
 LOOPBACK = UrlPolicy(allow_private=True)
@@ -414,6 +417,188 @@ def test_a_cancelled_download_stops(media: MediaServer, writer: LocalWriter) -> 
     assert writer.offset == 0
 
 
+VIDEO = media_bytes(64 * 1024, 7)
+VIDEO_SHA = hashlib.sha256(VIDEO).hexdigest()
+PAGE = b"<html><body><h1>403 Forbidden</h1></body></html>\n" * 20
+
+
+def refused(url: str, writer: LocalWriter, expect: str = "video", **kwargs: Any) -> NotMedia:
+    """The NotMedia that fetching `url` as `expect` raises."""
+    with pytest.raises(NotMedia) as caught:
+        fetch(url, writer, policy=LOOPBACK, expect=expect, **kwargs)
+    return caught.value
+
+
+@pytest.mark.parametrize("content_type", ["text/html", "application/json", "text/plain"])
+def test_a_document_is_not_taken_for_a_video(
+    media: MediaServer, writer: LocalWriter, content_type: str
+) -> None:
+    """A 200 whose Content-Type is a document is refused before a byte is kept, retryably."""
+    error = refused(media.add("/v.mp4", PAGE, [Serve(content_type=content_type)]), writer)
+    assert (error.retry, error.status) == (True, 200)
+    assert error.reason == f"the server sent {content_type}, not a video"
+    assert writer.offset == 0
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "video/mp4"])
+def test_bytes_unlike_the_kind_are_refused_whatever_the_type(
+    media: MediaServer, writer: LocalWriter, content_type: str
+) -> None:
+    """A page sent as octet-stream (or even as video/mp4) is told by its first bytes."""
+    error = refused(media.add("/v.mp4", PAGE, [Serve(content_type=content_type)]), writer)
+    assert error.retry is True
+    assert error.reason == "the body is not a video: it starts like HTML"
+    assert writer.offset == 0
+
+
+def test_an_image_of_the_wrong_kind_is_refused(media: MediaServer, writer: LocalWriter) -> None:
+    """An MP3 where an image should be is refused, naming what it looks like."""
+    url = media.add("/i.png", media_bytes(2000, like="mp3"), [Serve(content_type="image/png")])
+    assert "it starts like an MP3 file" in refused(url, writer, "image").reason
+
+
+def test_an_empty_body_is_no_video(media: MediaServer, writer: LocalWriter) -> None:
+    """A 200 with nothing in it is not a video file."""
+    assert refused(media.add("/v.mp4", b""), writer).reason.endswith("it is empty")
+
+
+@pytest.mark.parametrize(("like", "kind"), [("mp4", "video"), ("png", "image"), ("wav", "audio")])
+def test_media_of_the_kind_is_stored_as_it_came(
+    media: MediaServer, writer: LocalWriter, like: str, kind: str
+) -> None:
+    """The check passes real media untouched: same bytes, same sha256."""
+    body = media_bytes(50_000, like, like)
+    url = media.add("/m", body, [Serve(content_type="application/octet-stream")])
+    fetched = fetch(url, writer, policy=LOOPBACK, expect=kind)
+    assert fetched.sha256 == hashlib.sha256(body).hexdigest()
+    assert stored(writer) == body
+
+
+def test_a_start_that_arrives_byte_by_byte_is_judged_whole(
+    media: MediaServer, writer: LocalWriter, sink: LocalSink
+) -> None:
+    """When the first reads bring a byte each, the check waits for enough of them."""
+    body = media_bytes(40, like="wav")
+    url = media.add("/a.wav", body, [Trickle(every=0.01, sized=True)])
+    assert (
+        fetch(url, writer, policy=LOOPBACK, expect="audio").sha256
+        == hashlib.sha256(body).hexdigest()
+    )
+    page = media.add("/p.wav", PAGE[:40], [Trickle(every=0.01, sized=True)])
+    other = sink.open("videos/t/1")
+    try:
+        assert "HTML" in refused(page, other, "audio").reason
+        assert other.offset == 0
+    finally:
+        other.close()
+
+
+def test_held_bytes_that_are_no_video_are_dropped_not_resumed(
+    media: MediaServer, writer: LocalWriter
+) -> None:
+    """A resume checks the start of the held bytes; a page held from before is dropped."""
+    url = media.add("/v.mp4", VIDEO)
+    writer.restart(media.routes["/v.mp4"].etag)
+    writer.write(memoryview(PAGE))  # held by an older attempt that checked nothing
+    error = refused(url, writer)
+    assert "held from an earlier attempt" in error.reason and "HTML" in error.reason
+    assert (writer.offset, writer.validator) == (0, None)
+    assert media.hits("/v.mp4")[0].headers["Range"] == f"bytes={len(PAGE)}-"
+    fetched = fetch(url, writer, policy=LOOPBACK, expect="video")
+    assert (fetched.sha256, fetched.resumed) == (VIDEO_SHA, False)
+    assert stored(writer) == VIDEO
+
+
+def test_a_checked_download_resumes_after_a_cut(media: MediaServer, writer: LocalWriter) -> None:
+    """A cut download's held start passes the check, and the rest comes by Range."""
+    url = media.add("/v.mp4", VIDEO, [Cut(3000), Serve()])
+    failure(url, writer, expect="video")
+    fetched = fetch(url, writer, policy=LOOPBACK, expect="video")
+    assert (fetched.sha256, fetched.resumed) == (VIDEO_SHA, True)
+    assert stored(writer) == VIDEO
+
+
+def test_a_few_held_bytes_are_not_resumed(media: MediaServer, writer: LocalWriter) -> None:
+    """Fewer held bytes than the start check needs: the file is fetched whole instead."""
+    url = media.add("/v.mp4", VIDEO, [Cut(5), Serve()])
+    failure(url, writer)
+    assert writer.offset == 5
+    assert fetch(url, writer, policy=LOOPBACK, expect="video").resumed is False
+    assert "Range" not in media.hits("/v.mp4")[1].headers
+    assert stored(writer) == VIDEO
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_forced_encoding_is_decoded(
+    media: MediaServer, writer: LocalWriter, encoding: str
+) -> None:
+    """A body compressed against the request is stored decoded, with the media's sha256 and size."""
+    body = media_bytes(200_000, 3) + bytes(300_000)  # compressible, over one read
+    url = media.add("/v.mp4", body, [Serve(encoding=encoding)])
+    fetched = fetch(url, writer, policy=LOOPBACK, expect="video")
+    assert (fetched.size, fetched.sha256) == (len(body), hashlib.sha256(body).hexdigest())
+    assert fetched.content_type == "video/mp4"
+    assert stored(writer) == body
+
+
+def test_several_gzip_members_are_one_body(media: MediaServer, writer: LocalWriter) -> None:
+    """gzip allows members one after another: they decode to one file."""
+    halves = VIDEO[:30_000], VIDEO[30_000:]
+    joined = gzip.compress(halves[0]) + gzip.compress(halves[1])
+    headers = {"Content-Encoding": "gzip", "Content-Type": "video/mp4"}
+    url = media.add("/v.mp4", joined, [Status(200, headers, body=joined)])
+    assert fetch(url, writer, policy=LOOPBACK, expect="video").sha256 == VIDEO_SHA
+
+
+def test_a_gzip_bomb_stops_at_the_limit(media: MediaServer, writer: LocalWriter) -> None:
+    """max_bytes bounds the decoded bytes, not the few compressed ones."""
+    url = media.add("/v.mp4", media_bytes(16) + bytes(20 << 20), [Serve(encoding="gzip")])
+    with pytest.raises(TooLarge):
+        fetch(url, writer, policy=LOOPBACK, limits=Limits(max_bytes=1 << 20), expect="video")
+    assert writer.offset <= 1 << 20
+
+
+def test_an_encoded_download_is_never_resumed(media: MediaServer, writer: LocalWriter) -> None:
+    """Decoded bytes are held without a validator (a Range counts encoded bytes): never resumed."""
+    url = media.add("/v.mp4", VIDEO, [Serve(encoding="gzip")])
+    fetch(url, writer, policy=LOOPBACK)
+    assert writer.validator is None
+    writer.restart(media.routes["/v.mp4"].etag)  # identity bytes held from an earlier answer
+    writer.write(memoryview(VIDEO[:5000]))
+    error = failure(url, writer)
+    assert (error.retry, error.reason) == (
+        True,
+        "the server resumed in an encoding it did not use before",
+    )
+    assert (writer.offset, writer.validator) == (0, None)
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({"Content-Encoding": "br"}, "the body is br-encoded, which is not decoded"),
+        ({"Content-Encoding": "gzip, gzip"}, "the body is gzip, gzip-encoded"),
+        ({"Content-Encoding": "gzip"}, "the gzip body cannot be decoded"),
+    ],
+)
+def test_an_encoding_that_cannot_be_undone_is_refused(
+    media: MediaServer, writer: LocalWriter, headers: dict[str, str], reason: str
+) -> None:
+    """Unknown or stacked encodings, and corrupt gzip, are retryable errors, nothing kept."""
+    error = failure(media.add("/v.mp4", VIDEO, [Status(200, headers, body=VIDEO)]), writer)
+    assert error.retry is True
+    assert error.reason.startswith(reason)
+    assert writer.offset == 0
+
+
+def test_a_gzip_body_cut_short_is_not_complete(media: MediaServer, writer: LocalWriter) -> None:
+    """A gzip stream that ends before its end is retried, not stored."""
+    cut = gzip.compress(VIDEO)[:-100]
+    headers = {"Content-Encoding": "gzip"}
+    error = failure(media.add("/v.mp4", VIDEO, [Status(200, headers, body=cut)]), writer)
+    assert (error.retry, error.reason) == (True, "the gzip body ended midway")
+
+
 SLOW = Limits(min_rate=1000, rate_window=0.5)
 
 
@@ -423,7 +608,7 @@ def test_a_trickle_is_cut_after_a_window(
 ) -> None:
     """20 bytes/s against 1000 required: cut after the first half-second window, retryably,
     although no single read waits long enough to time out."""
-    url = media.add("/v.mp4", BODY[:200], [Trickle(every=0.05, sized=sized)])
+    url = media.add("/v.mp4", VIDEO[:200], [Trickle(every=0.05, sized=sized)])
     started = time.monotonic()
     error = failure(url, writer, limits=SLOW)
     assert time.monotonic() - started < 2
@@ -438,7 +623,7 @@ def test_a_sized_download_ends_by_its_deadline(media: MediaServer, writer: Local
     """With the size known, the attempt has the floor plus the size at min_rate, however long
     the rate window."""
     limits = Limits(min_rate=1000, rate_window=60, deadline_floor=0.3)
-    url = media.add("/v.mp4", BODY[:200], [Trickle(every=0.05, sized=True)])
+    url = media.add("/v.mp4", VIDEO[:200], [Trickle(every=0.05, sized=True)])
     started = time.monotonic()
     error = failure(url, writer, limits=limits)
     assert 0.5 <= time.monotonic() - started < 2
@@ -448,7 +633,7 @@ def test_a_sized_download_ends_by_its_deadline(media: MediaServer, writer: Local
 
 def test_a_steady_download_is_not_cut(media: MediaServer, writer: LocalWriter) -> None:
     """A download at twice the minimum rate, over several windows, completes."""
-    body = BODY[:6000]
+    body = media_bytes(6000, 5)
     url = media.add("/v.mp4", body, [Serve(rate=4000)])
     limits = Limits(min_rate=2000, rate_window=0.3, deadline_floor=0.5)
     assert (
@@ -459,7 +644,7 @@ def test_a_steady_download_is_not_cut(media: MediaServer, writer: LocalWriter) -
 
 def test_a_cancel_stops_a_slow_read_at_once(media: MediaServer, writer: LocalWriter) -> None:
     """Cancelling mid-trickle stops within a read, not when a 1 MiB buffer is full."""
-    url = media.add("/v.mp4", BODY[:400], [Trickle(every=0.05)])
+    url = media.add("/v.mp4", VIDEO[:400], [Trickle(every=0.05)])
     cancel = threading.Event()
     threading.Timer(0.3, cancel.set).start()
     started = time.monotonic()
