@@ -10,6 +10,7 @@ import pytest
 from receiver.settings import Settings
 from tests.fake_kling import FakeKling, fake_kling
 from tests.media_server import MediaServer, media_server
+from tests.pg_server import PostgresServer
 from tests.s3_server import SeaweedS3
 from tests.support import KLING_API_KEY, Service, app_settings
 
@@ -60,13 +61,36 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL on 127.0.0.1 for the session, started only if a test asks.
+
+    Debian's server binaries, run as the `postgres` user when we are root; missing binaries
+    fail the test with the install command (`tests/pg_server.py`). Tests isolate themselves
+    with `postgres.create_database()`; one that stops the server (`postgres.stopped()`,
+    `restart()`) leaves it running again. Its directory is deleted at the end.
+    """
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres: PostgresServer) -> str:
+    """`postgresql://postgres@127.0.0.1:PORT/kling_test` on the session's `postgres`."""
+    return postgres.url
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Attach the tail of SeaweedFS's logs to the report of a failed test that used `s3`."""
+    """Attach the tail of SeaweedFS's (or PostgreSQL's) logs to a failed test using `s3`
+    (or `postgres`)."""
     report = yield
     server = getattr(item, "funcargs", {}).get("s3")
     if report.failed and isinstance(server, SeaweedS3):
         report.sections.append(("seaweedfs logs", server.logs()))
+    postgres = getattr(item, "funcargs", {}).get("postgres")
+    if report.failed and isinstance(postgres, PostgresServer):
+        report.sections.append(("postgresql log", postgres.logs()))
     return report
