@@ -32,6 +32,7 @@ from receiver.models import (
 __all__ = [
     "Applied",
     "AssetJob",
+    "AssetQueue",
     "AssetResult",
     "Ledger",
     "LedgerError",
@@ -267,8 +268,27 @@ def binding_conflict(
     return None
 
 
-class Ledger(Protocol):
-    """What the web app, workers and poller need from the database."""
+class AssetQueue(Protocol):
+    """The part of the ledger download workers need: leased jobs, and their outcomes."""
+
+    async def claim_asset(self, owner: str, lease_seconds: float) -> AssetJob | None:
+        """Lease the next asset due for download (or one whose lease ran out), if any."""
+        ...
+
+    async def renew_lease(self, asset_id: int, owner: str, lease_seconds: float) -> bool:
+        """Extend `owner`'s lease; False when the lease was lost to another worker."""
+        ...
+
+    async def settle_asset(self, asset_id: int, owner: str, result: AssetResult) -> bool:
+        """Record an attempt's outcome and archive the task once every asset is stored.
+
+        False (and nothing recorded) when `owner` no longer holds the lease.
+        """
+        ...
+
+
+class Ledger(AssetQueue, Protocol):
+    """What the web app, poller and commands need from the database (workers need less)."""
 
     async def apply(self, update: Update) -> Applied:
         """Record a delivery and move its task forward; committed before it returns."""
@@ -289,21 +309,6 @@ class Ledger(Protocol):
 
     async def events(self, task_id: str) -> list[EventRecord] | None:
         """A task's distinct deliveries, oldest first; None for an unknown task."""
-        ...
-
-    async def claim_asset(self, owner: str, lease_seconds: float) -> AssetJob | None:
-        """Lease the next asset due for download (or one whose lease ran out), if any."""
-        ...
-
-    async def renew_lease(self, asset_id: int, owner: str, lease_seconds: float) -> bool:
-        """Extend `owner`'s lease; False when the lease was lost to another worker."""
-        ...
-
-    async def settle_asset(self, asset_id: int, owner: str, result: AssetResult) -> bool:
-        """Record an attempt's outcome and archive the task once every asset is stored.
-
-        False (and nothing recorded) when `owner` no longer holds the lease.
-        """
         ...
 
     async def requeue(self, task_id: str, *, force: bool = False) -> int | None:

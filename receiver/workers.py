@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from receiver._clock import parse_time, utc_in, utc_now
-from receiver.ledger import AssetJob, AssetResult, Ledger
+from receiver.ledger import AssetJob, AssetQueue, AssetResult
 from receiver.models import AssetKind, AssetState
 from receiver.settings import Settings
 from storage import (
@@ -96,7 +96,7 @@ class RetryPolicy:
 class Downloader:
     """A pool of download workers sharing one ledger and one sink."""
 
-    ledger: Ledger
+    ledger: AssetQueue
     sink: Sink
     policy: UrlPolicy
     limits: Limits = field(default_factory=Limits)
@@ -342,7 +342,7 @@ def sink_for(settings: Settings) -> Sink:
 
 def downloader_for(
     settings: Settings,
-    ledger: Ledger,
+    ledger: AssetQueue,
     concurrency: int | None = None,
     sink: Sink | None = None,
 ) -> Downloader:
