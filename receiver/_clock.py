@@ -7,7 +7,7 @@ import math
 import time
 from datetime import datetime
 
-__all__ = ["parse_time", "stamp", "utc_in", "utc_now"]
+__all__ = ["epoch_now", "parse_time", "stamp", "utc_in", "utc_now"]
 
 
 def utc_now() -> str:
@@ -18,6 +18,11 @@ def utc_now() -> str:
 def utc_in(seconds: float) -> str:
     """That many seconds from now, in the same sortable form as `utc_now`."""
     return stamp(time.time() + seconds)
+
+
+def epoch_now() -> float:
+    """Now as seconds since the epoch, for rules that take the time as a parameter."""
+    return time.time()
 
 
 # The times `stamp` writes as they are: from 1900 (strftime pads 4-digit years only) to 9999.

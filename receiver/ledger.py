@@ -1,7 +1,8 @@
 """The ledger: durable tasks, their deliveries and their assets, and the rules that move them.
 
-The rules are plain functions here, so every database backend applies them the
-same way; a backend (`receiver._sqlite`, later PostgreSQL) only stores and locks;
+The rules are plain functions, here and in `receiver.rules` (which decides what
+`apply` does), so every database backend applies them the same way; a backend
+(`receiver._sqlite`, later PostgreSQL) only reads, stores and locks;
 `receiver.database` opens the one DATABASE_URL names.
 
 Exceptions::
