@@ -10,6 +10,7 @@ it, and writes the `Plan` it returns, so every backend applies the same rules.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -24,7 +25,7 @@ from receiver.ledger import (
     moves_forward,
     yields_to,
 )
-from receiver.models import AssetSpec, KlingTask, Source, TaskStatus
+from receiver.models import AssetSpec, AssetState, KlingTask, Source, TaskStatus
 
 __all__ = [
     "AssetsQueued",
@@ -37,8 +38,11 @@ __all__ = [
     "TaskFlagged",
     "TaskRow",
     "TaskStatusChanged",
+    "archived",
     "awaits_confirmation",
     "decide",
+    "in_flight",
+    "requeued",
 ]
 
 _T = TypeVar("_T")
@@ -460,3 +464,26 @@ def _binding(row: TaskRow | None) -> Binding | None:
 def _first(known: _T | None, learned: _T | None) -> _T | None:
     """`known` unless it is None: what the ledger holds is never overwritten."""
     return learned if known is None else known
+
+
+def in_flight(row: TaskRow) -> bool:
+    """Whether the poller may query a task: identified, queryable and not finished.
+
+    A finished task whose succeed is held still counts: the query confirms it.
+    """
+    unfinished = row.status is None or not row.status.terminal or row.verify_due
+    return row.task_id is not None and row.action is not None and unfinished
+
+
+def archived(files: Iterable[AssetState]) -> bool:
+    """Whether a task with these files counts as archived: it has some, and all are stored."""
+    states = list(files)
+    return bool(states) and all(state is AssetState.stored for state in states)
+
+
+def requeued(state: AssetState, *, force: bool) -> bool:
+    """Whether `requeue` queues a file again: a failed one, and with `force` a stored one too.
+
+    A task with a file queued again is no longer archived.
+    """
+    return state is AssetState.failed or (force and state is AssetState.stored)

@@ -107,7 +107,8 @@ class SQLiteLedger(Engine):
             if task is None:
                 return None
             now = utc_now()
-            # Queued afresh: the retry horizon (counted from created_at) starts again too.
+            # Queued afresh (the files `rules.requeued` names): the retry horizon (counted from
+            # created_at) starts again too.
             queued = conn.execute(
                 """UPDATE assets SET state = 'pending', next_attempt_at = NULL, attempts = 0,
                                      error = NULL, created_at = ?, updated_at = ?

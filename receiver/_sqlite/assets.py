@@ -91,6 +91,7 @@ def settle(conn: sqlite3.Connection, asset_id: int, owner: str, result: AssetRes
     if settled.rowcount != 1:
         return False
     if result.state is AssetState.stored:
+        # The task is archived once every file is stored (`rules.archived`).
         conn.execute(
             """UPDATE tasks SET archived_at = coalesce(archived_at, ?)
                WHERE id = (SELECT task_pk FROM assets WHERE id = ?)

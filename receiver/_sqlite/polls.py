@@ -21,7 +21,7 @@ __all__ = [
     "track",
 ]
 
-# Unfinished, identified and queryable: what the poller may look at.
+# Unfinished, identified and queryable: what the poller may look at (`rules.in_flight`).
 _IN_FLIGHT = """task_id IS NOT NULL AND action IS NOT NULL
                 AND (status IS NULL OR status IN ('submitted', 'processing') OR verify_due = 1)"""
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 
 from receiver._clock import stamp
+from receiver._sqlite.polls import _IN_FLIGHT
+from receiver._sqlite.schema import MIGRATIONS
 from receiver.ledger import Outcome, Update
-from receiver.models import CallbackRef, KlingTask, Source, TaskStatus
+from receiver.models import AssetState, CallbackRef, KlingTask, Source, TaskStatus
 from receiver.rules import (
     AssetsQueued,
     DomainEvent,
@@ -21,8 +24,11 @@ from receiver.rules import (
     TaskFlagged,
     TaskRow,
     TaskStatusChanged,
+    archived,
     awaits_confirmation,
     decide,
+    in_flight,
+    requeued,
 )
 from receiver.shapes import parse_task
 
@@ -413,3 +419,63 @@ def test_the_decision_is_the_same_every_time() -> None:
     """No clock or database inside: the same records give the same plan."""
     case = STATES["a new task moves"]
     assert decide(case.known, case.update, NOW) == decide(case.known, case.update, NOW)
+
+
+IN_FLIGHT = {
+    "new, identified and queryable": (row(), True),
+    "unfinished": (at(TaskStatus.processing), True),
+    "finished": (at(TaskStatus.succeed), False),
+    "failed": (at(TaskStatus.failed), False),
+    "a held succeed awaits its query": (at(TaskStatus.succeed, verify_due=True), True),
+    "a submission without its task_id": (row(task_id=None), False),
+    "a task whose action is unknown": (row(action=None), False),
+}
+
+
+@pytest.mark.parametrize(("stored", "expected"), IN_FLIGHT.values(), ids=IN_FLIGHT.keys())
+def test_in_flight(stored: TaskRow, expected: bool) -> None:
+    assert in_flight(stored) is expected
+
+
+@pytest.mark.parametrize(("stored", "expected"), IN_FLIGHT.values(), ids=IN_FLIGHT.keys())
+def test_the_poller_sql_follows_in_flight(stored: TaskRow, expected: bool) -> None:
+    """SQLite's condition for what the poller may query picks the tasks `in_flight` does."""
+    conn = sqlite3.connect(":memory:")
+    for statements in MIGRATIONS:
+        for statement in statements:
+            conn.execute(statement)
+    conn.execute(
+        "INSERT INTO tasks (task_id, action, status, verify_due, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, '', '')",
+        (stored.task_id, stored.action, stored.status, stored.verify_due),
+    )
+    found = conn.execute(f"SELECT count(*) FROM tasks WHERE {_IN_FLIGHT}").fetchone()[0]
+    assert bool(found) is expected
+
+
+STORED, FAILED, PENDING = AssetState.stored, AssetState.failed, AssetState.pending
+ARCHIVED = {
+    "every file stored": ([STORED, STORED], True),
+    "one still pending": ([STORED, PENDING], False),
+    "one failed": ([FAILED, STORED], False),
+    "no files": ([], False),
+}
+
+
+@pytest.mark.parametrize(("files", "expected"), ARCHIVED.values(), ids=ARCHIVED.keys())
+def test_archived(files: list[AssetState], expected: bool) -> None:
+    assert archived(files) is expected
+
+
+REQUEUED = {
+    "failed": (FAILED, False, True),
+    "stored": (STORED, False, False),
+    "stored, forced": (STORED, True, True),
+    "pending": (PENDING, True, False),
+    "downloading": (AssetState.downloading, True, False),
+}
+
+
+@pytest.mark.parametrize(("state", "force", "expected"), REQUEUED.values(), ids=REQUEUED.keys())
+def test_requeued(state: AssetState, force: bool, expected: bool) -> None:
+    assert requeued(state, force=force) is expected
