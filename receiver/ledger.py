@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
+import socket
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,6 +49,7 @@ __all__ = [
     "Update",
     "binding_conflict",
     "contradiction",
+    "lease_owner",
     "moves_forward",
     "yields_to",
 ]
@@ -269,6 +273,11 @@ def binding_conflict(
     return None
 
 
+def lease_owner() -> str:
+    """A name for this process's leases and turns, unique across machines and restarts."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 class AssetQueue(Protocol):
     """The part of the ledger download workers need: leased jobs, and their outcomes."""
 
@@ -362,6 +371,15 @@ class Ledger(AssetQueue, Protocol):
 
     async def set_mark(self, name: str, value: str) -> None:
         """Move a named bookmark; it survives restarts."""
+        ...
+
+    async def take_turn(self, name: str, owner: str, seconds: float) -> bool:
+        """Hold the fleet-wide turn `name` for `seconds` if it is free, lapsed or `owner`'s.
+
+        Periodic work that must run once across every process (the sweep) runs only in
+        the process that holds its turn; it renews it each time, and another process
+        takes over once a holder stops renewing.
+        """
         ...
 
     async def stats(self) -> dict[str, int]:

@@ -18,16 +18,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from receiver.kling import LIST_LIMIT, KlingClient, KlingError
-from receiver.ledger import Ledger
+from receiver.ledger import Ledger, lease_owner
 from receiver.models import PayloadError, Source
 from receiver.poller import update_from_reply
 from receiver.settings import Settings
 
-__all__ = ["MARK", "OVERLAP_MS", "Sweeper", "Tally", "sweep"]
+__all__ = ["MARK", "OVERLAP_MS", "TURN", "Sweeper", "Tally", "sweep"]
 
 log = logging.getLogger("receiver.sweep")
 
 MARK = "sweep.listed_until"  # ms since 1970: the end of the last finished sweep's window
+TURN = "sweep"  # the fleet-wide turn: one process sweeps, whatever the number of processes
 # Listing is by creation time and generation takes minutes, rarely hours: six hours of
 # overlap lists again every task that was still running when the last window closed.
 OVERLAP_MS = 6 * 3600 * 1000
@@ -134,15 +135,26 @@ class Sweeper:
     client: KlingClient
     settings: Settings
     on_files: Callable[[], None] | None = None
+    owner: str = field(default_factory=lease_owner)
     _clock: Callable[[], int] = field(default=now_ms)
 
     async def run(self) -> None:
+        """Sweep every SWEEP_INTERVAL while this process holds the fleet's sweep turn."""
         while True:
             try:
-                await self.once()
+                await self.turn()
             except Exception:  # the edge of the loop: log, then carry on next interval
                 log.exception("sweep failed")
             await asyncio.sleep(self.settings.sweep_interval)
+
+    async def turn(self) -> Tally | None:
+        """Sweep once if this process holds the turn (taking it when free or lapsed)."""
+        # Held for one and a half intervals: the holder renews it each time, and another
+        # process takes over half an interval after the holder stops.
+        hold = self.settings.sweep_interval * 1.5
+        if not await self.ledger.take_turn(TURN, self.owner, hold):
+            return None
+        return await self.once()
 
     async def once(self) -> Tally | None:
         """One sweep over [last end - OVERLAP_MS, now]; on the very first start, only the mark."""

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
-import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from receiver._clock import parse_time, utc_in, utc_now
-from receiver.ledger import AssetJob, AssetQueue, AssetResult
+from receiver.ledger import AssetJob, AssetQueue, AssetResult, lease_owner
 from receiver.models import AssetKind, AssetState
 from receiver.settings import Settings
 from storage import (
@@ -105,9 +102,7 @@ class Downloader:
     lease_seconds: float = 30.0
     idle_seconds: float = 1.0
     recheck_seconds: float = 15.0
-    owner: str = field(
-        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    )
+    owner: str = field(default_factory=lease_owner)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _storage_problem: str | None = "the storage has not been checked yet"
     _storage_ok: asyncio.Event = field(default_factory=asyncio.Event)

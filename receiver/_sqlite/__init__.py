@@ -168,6 +168,19 @@ class SQLiteLedger(Engine):
                                                      updated_at = excluded.updated_at"""
         await self.write(lambda conn: conn.execute(upsert, (name, value, utc_now())))
 
+    async def take_turn(self, name: str, owner: str, seconds: float) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            now = utc_now()
+            taken = conn.execute(
+                """INSERT INTO turns (name, owner, until) VALUES (?, ?, ?)
+                   ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, until = excluded.until
+                   WHERE turns.owner = excluded.owner OR turns.until <= ?""",
+                (name, owner, utc_in(seconds), now),
+            )
+            return taken.rowcount == 1
+
+        return await self.write(op)
+
     async def stats(self) -> dict[str, int]:
         return await self.read(polls.stats)
 

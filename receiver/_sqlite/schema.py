@@ -134,6 +134,13 @@ MIGRATIONS: list[list[str]] = [
             updated_at TEXT NOT NULL
         )""",
     ],
+    [
+        """CREATE TABLE turns (
+            name TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            until TEXT NOT NULL
+        )""",
+    ],
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -132,3 +133,23 @@ async def test_paging_visits_every_task_and_adopts_the_unknown_ones(
         task = await ledger.task(task_id)
         assert task is not None and task.terminal_source is Source.sweep
         assert len(await ledger.events(task_id) or []) == 1  # the second sweep added nothing
+
+
+async def test_one_process_of_a_fleet_sweeps_and_another_takes_over_when_it_stops(
+    tmp_path: Path, kling: FakeKling, client: KlingClient, settings: Settings
+) -> None:
+    """Two processes on one ledger: the turn's holder sweeps, the other waits, then takes over."""
+    quick = settings.model_copy(update={"sweep_interval": 0.2})
+    url = f"sqlite:///{tmp_path}/fleet.db"
+    async with open_ledger(url) as first_ledger, open_ledger(url) as second_ledger:
+        first = Sweeper(first_ledger, client, quick, owner="first")
+        second = Sweeper(second_ledger, client, quick, owner="second")
+        await first.turn()  # the very first sweep only marks where sweeping begins
+        listed = len(kling.listings())
+        assert await second.turn() is None  # held by the first
+        assert await first.turn() is not None  # renewed, and swept
+        assert await second.turn() is None
+        assert len(kling.listings()) == listed + 1
+        await asyncio.sleep(0.35)  # the first stops renewing; its turn lapses
+        assert await second.turn() is not None
+        assert await first.turn() is None
