@@ -10,6 +10,8 @@ it, and writes the `Plan` it returns, so every backend applies the same rules.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -25,7 +27,8 @@ from receiver.ledger import (
     moves_forward,
     yields_to,
 )
-from receiver.models import AssetSpec, AssetState, KlingTask, Source, TaskStatus
+from receiver.models import AssetSpec, AssetState, KlingTask, PayloadError, Source, TaskStatus
+from receiver.shapes import parse_task
 
 __all__ = [
     "AssetsQueued",
@@ -40,7 +43,10 @@ __all__ = [
     "TaskStatusChanged",
     "archived",
     "awaits_confirmation",
+    "claimed",
     "decide",
+    "decode_cursor",
+    "encode_cursor",
     "in_flight",
     "requeued",
 ]
@@ -487,3 +493,29 @@ def requeued(state: AssetState, *, force: bool) -> bool:
     A task with a file queued again is no longer archived.
     """
     return state is AssetState.failed or (force and state is AssetState.stored)
+
+
+def claimed(body: bytes) -> KlingTask | None:
+    """The task a held succeed callback's stored bytes claimed (`Known.claim`), if they parse."""
+    try:
+        return parse_task(json.loads(body))
+    except (ValueError, PayloadError):
+        return None
+
+
+def encode_cursor(pk: int) -> str:
+    """The public paging cursor of `Ledger.tasks`: the next page starts below task `pk`."""
+    return base64.urlsafe_b64encode(f"id:{pk}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int | None:
+    """The task key a cursor from `encode_cursor` names; ValueError for any other text."""
+    if not cursor:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if text.startswith("id:") and 0 < (pk := int(text[3:])) < 2**63:
+            return pk  # beyond a 64-bit integer key, the query itself would fail
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise ValueError("cursor is not one this service returned")

@@ -24,6 +24,7 @@ from receiver.ledger import (
     Update,
 )
 from receiver.models import EventRecord, TaskRecord, TaskStatus
+from receiver.rules import decode_cursor, encode_cursor
 
 __all__ = ["MIGRATIONS", "SQLiteLedger"]
 
@@ -49,7 +50,7 @@ class SQLiteLedger(Engine):
         limit: int = 50,
         cursor: str | None = None,
     ) -> TaskPage:
-        before = tasks.decode_cursor(cursor)
+        before = decode_cursor(cursor)
 
         def op(conn: sqlite3.Connection) -> TaskPage:
             rows = conn.execute(
@@ -68,7 +69,7 @@ class SQLiteLedger(Engine):
             ).fetchall()
             page = [tasks.task_record(conn, row) for row in rows[:limit]]
             more = len(rows) > limit
-            return TaskPage(page, tasks.encode_cursor(rows[limit - 1]["id"]) if more else None)
+            return TaskPage(page, encode_cursor(rows[limit - 1]["id"]) if more else None)
 
         return await self.read(op)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import sqlite3
 from dataclasses import replace
@@ -16,15 +15,13 @@ from receiver.models import (
     AssetState,
     EventRecord,
     KlingTask,
-    PayloadError,
     Source,
     TaskRecord,
     TaskStatus,
 )
-from receiver.rules import Known, TaskRow, awaits_confirmation, decide
-from receiver.shapes import parse_task
+from receiver.rules import Known, TaskRow, awaits_confirmation, claimed, decide
 
-__all__ = ["apply", "decode_cursor", "encode_cursor", "event_record", "task_record"]
+__all__ = ["apply", "event_record", "task_record"]
 
 
 # What `apply` reads of a task and may write, in this order; positions below name them.
@@ -248,12 +245,7 @@ def _held_succeed(cur: sqlite3.Cursor, pk: int) -> KlingTask | None:
            ORDER BY id DESC LIMIT 1""",
         (pk,),
     ).fetchone()
-    if held is None:
-        return None
-    try:
-        return parse_task(json.loads(held[0]))
-    except (ValueError, PayloadError):
-        return None
+    return None if held is None else claimed(held[0])
 
 
 def _task_row(values: tuple[Any, ...] | None) -> TaskRow | None:
@@ -372,19 +364,3 @@ def event_record(task_id: str, row: sqlite3.Row) -> EventRecord:
         applied=bool(row["applied"]),
         shape=row["shape"],
     )
-
-
-def encode_cursor(pk: int) -> str:
-    return base64.urlsafe_b64encode(f"id:{pk}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None) -> int | None:
-    if not cursor:
-        return None
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if text.startswith("id:") and 0 < (pk := int(text[3:])) < 2**63:
-            return pk  # beyond SQLite's INTEGER, the query itself would fail
-    except (ValueError, UnicodeDecodeError):
-        pass
-    raise ValueError("cursor is not one this service returned")
