@@ -14,12 +14,26 @@ from urllib.parse import unquote, urlsplit
 from receiver._sqlite import SQLiteLedger
 from receiver.ledger import Ledger, LedgerUnavailable
 
-__all__ = ["open_ledger", "sqlite_path"]
+__all__ = ["POSTGRES_SCHEMES", "open_ledger", "sqlite_path"]
+
+# The schemes of a DATABASE_URL that names a PostgreSQL database (libpq's own two).
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
 @asynccontextmanager
 async def open_ledger(database_url: str) -> AsyncIterator[Ledger]:
-    """Open the ledger named by DATABASE_URL, creating or migrating its schema."""
+    """Open the ledger named by DATABASE_URL, creating or migrating its schema.
+
+    `postgresql://…` (or `postgres://…`) opens the shared PostgreSQL backend; anything
+    else must be a `sqlite:///file` URL.
+    """
+    if urlsplit(database_url).scheme in POSTGRES_SCHEMES:
+        # Imported here: a SQLite deployment never loads the PostgreSQL driver.
+        from receiver._postgres import PostgresLedger
+
+        async with PostgresLedger(database_url) as postgres:
+            yield postgres
+        return
     async with SQLiteLedger(sqlite_path(database_url)) as ledger:
         yield ledger
 
@@ -29,6 +43,7 @@ def sqlite_path(database_url: str) -> Path:
     parts = urlsplit(database_url)
     if parts.scheme != "sqlite" or parts.netloc or not parts.path:
         raise LedgerUnavailable(
-            f"DATABASE_URL must look like sqlite:///data/kling-receiver.db, got {parts.scheme}:…"
+            "DATABASE_URL must look like sqlite:///data/kling-receiver.db or"
+            f" postgresql://user@host/db, got {parts.scheme}:…"
         )
     return Path(unquote(parts.path[1:]))
