@@ -80,6 +80,18 @@ def postgres_url(postgres: PostgresServer) -> str:
     return postgres.url
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty ledger database on each backend: the ledger contract holds on both.
+
+    A SQLite file under tmp_path, or a new database on the session's `postgres`.
+    """
+    if request.param == "postgres":
+        server: PostgresServer = request.getfixturevalue("postgres")
+        return server.create_database()
+    return f"sqlite:///{tmp_path}/ledger.db"
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]

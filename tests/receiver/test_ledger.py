@@ -53,12 +53,10 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/l.db"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+@pytest.fixture
+def db_url(ledger_url: str) -> str:
     """A fresh database of each backend: a SQLite file, or a new PostgreSQL database."""
-    if request.param == "postgres":
-        return str(request.getfixturevalue("postgres").create_database())
-    return sqlite_url
+    return ledger_url
 
 
 @pytest.fixture

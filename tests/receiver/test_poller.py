@@ -54,8 +54,9 @@ def poll_settings(tmp_path: Path, base: str, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    async with open_ledger(f"sqlite:///{tmp_path}/poll.db") as opened:
+async def ledger(ledger_url: str) -> AsyncIterator[Ledger]:
+    """The ledger on each backend (SQLite, PostgreSQL): every test using it runs on both."""
+    async with open_ledger(ledger_url) as opened:
         yield opened
 
 

@@ -39,8 +39,9 @@ def settings(tmp_path: Path, kling: FakeKling) -> Settings:
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    async with open_ledger(f"sqlite:///{tmp_path}/sweep.db") as opened:
+async def ledger(ledger_url: str) -> AsyncIterator[Ledger]:
+    """The ledger on each backend (SQLite, PostgreSQL): every test using it runs on both."""
+    async with open_ledger(ledger_url) as opened:
         yield opened
 
 
@@ -136,11 +137,11 @@ async def test_paging_visits_every_task_and_adopts_the_unknown_ones(
 
 
 async def test_one_process_of_a_fleet_sweeps_and_another_takes_over_when_it_stops(
-    tmp_path: Path, kling: FakeKling, client: KlingClient, settings: Settings
+    ledger_url: str, kling: FakeKling, client: KlingClient, settings: Settings
 ) -> None:
     """Two processes on one ledger: the turn's holder sweeps, the other waits, then takes over."""
     quick = settings.model_copy(update={"sweep_interval": 0.2})
-    url = f"sqlite:///{tmp_path}/fleet.db"
+    url = ledger_url
     async with open_ledger(url) as first_ledger, open_ledger(url) as second_ledger:
         first = Sweeper(first_ledger, client, quick, owner="first")
         second = Sweeper(second_ledger, client, quick, owner="second")

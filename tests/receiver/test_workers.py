@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from starlette.testclient import TestClient
 
@@ -35,7 +36,7 @@ from receiver.shapes import parse_task
 from receiver.workers import Downloader, RetryPolicy, asset_stem, downloader_for
 from storage import MAX_RETRY_AFTER, FetchError, LocalSink, LocalWriter, SinkError, UrlPolicy
 from tests.media_server import Cut, MediaServer, Serve, Short, Status, Trickle, media_bytes
-from tests.support import ADMIN_TOKEN, succeed_payload
+from tests.support import ADMIN_TOKEN, app_settings, succeed_payload
 
 pytestmark = pytest.mark.anyio
 
@@ -51,7 +52,17 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-async def ledger(settings: Settings) -> AsyncIterator[Ledger]:
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """The suite's settings; for a test using the ledger, on its backend (`ledger_url`)."""
+    made = app_settings(tmp_path)
+    if "ledger_url" in request.fixturenames:
+        made = made.model_copy(update={"database_url": request.getfixturevalue("ledger_url")})
+    return made
+
+
+@pytest.fixture
+async def ledger(settings: Settings, ledger_url: str) -> AsyncIterator[Ledger]:
+    """The ledger on each backend (SQLite, PostgreSQL): every test using it runs on both."""
     async with open_ledger(settings.database_url) as opened:
         yield opened
 
@@ -216,9 +227,7 @@ async def test_retry_after_is_honoured(
     waiting = await asset(ledger, "t429")
     assert waiting.state is AssetState.pending
     assert waiting.error is not None and "429" in waiting.error
-    with closing(sqlite3.connect(sqlite_path(settings.database_url))) as db:
-        (next_attempt_at,) = db.execute("SELECT next_attempt_at FROM assets").fetchone()
-    scheduled = parse_time(next_attempt_at)
+    scheduled = next_attempt_at(settings)
     tolerance = timedelta(milliseconds=5)
     assert before + timedelta(seconds=2) - tolerance <= scheduled <= after + timedelta(seconds=2)
     assert await ledger.claim_asset(downloader.owner, 30) is None
@@ -724,10 +733,16 @@ def _true_when(predicate: Any) -> Any:
 
 
 def next_attempt_at(settings: Settings) -> datetime:
-    """When the test's one asset is due to be tried again."""
-    with closing(sqlite3.connect(sqlite_path(settings.database_url))) as db:
-        (due_at,) = db.execute("SELECT next_attempt_at FROM assets").fetchone()
-    return parse_time(due_at)
+    """When the test's one asset is due to be tried again, read from either backend."""
+    query = "SELECT next_attempt_at FROM assets"
+    if settings.database_url.startswith("postgresql:"):
+        with psycopg.connect(settings.database_url) as pg:
+            found = pg.execute(query).fetchone()
+    else:
+        with closing(sqlite3.connect(sqlite_path(settings.database_url))) as db:
+            found = db.execute(query).fetchone()
+    assert found is not None
+    return parse_time(found[0])
 
 
 @pytest.mark.parametrize(
