@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +19,7 @@ from receiver.database import open_ledger
 from receiver.ledger import StateKey, Update, moves_forward
 from receiver.models import AssetRecord, CallbackRef, Source, TaskStatus
 from receiver.shapes import parse_task
+from tests.pg_server import PostgresServer
 
 TERMINAL = [TaskStatus.succeed, TaskStatus.failed]
 REF = CallbackRef("x-kr_prop", "videos/text2video")
@@ -161,9 +165,35 @@ def deliveries(draw: st.DrawFn, finished: bool = True) -> list[bytes]:
 
 
 Final = tuple[TaskStatus | None, str | None, int | None, tuple[AssetRecord, ...], int]
+Fresh = Callable[[], str]
 
 
-def final_state(bodies: list[bytes]) -> Final:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def fresh(request: pytest.FixtureRequest) -> Iterator[Fresh]:
+    """A function giving the URL of an empty ledger on each backend, for every example.
+
+    SQLite: a new file each time. PostgreSQL: one database for the module, emptied each time
+    (a new database for each of hundreds of examples would cost far more than the examples).
+    """
+    if request.param == "sqlite":
+        with tempfile.TemporaryDirectory() as directory:
+            count = iter(range(1_000_000))
+            yield lambda: f"sqlite:///{Path(directory) / f'l{next(count)}.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    url = server.create_database()
+
+    def emptied() -> str:
+        with psycopg.connect(url, autocommit=True) as conn:
+            exists = conn.execute("SELECT to_regclass('tasks') IS NOT NULL").fetchone()
+            if exists is not None and exists[0]:
+                conn.execute("TRUNCATE events, assets, tasks RESTART IDENTITY")
+        return url
+
+    yield emptied
+
+
+def final_state(fresh: Fresh, bodies: list[bytes]) -> Final:
     """The task as a fresh ledger records it after these deliveries, applied one by one."""
 
     async def run(database_url: str) -> Final:
@@ -181,32 +211,31 @@ def final_state(bodies: list[bytes]) -> Final:
         assert task is not None
         return task.status, task.status_msg, task.kling_updated_at, task.assets, task.updates
 
-    with tempfile.TemporaryDirectory() as directory:
-        return asyncio.run(run(f"sqlite:///{Path(directory) / 'l.db'}"))
+    return asyncio.run(run(fresh()))
 
 
 @settings(max_examples=40, deadline=None)
 @given(bodies=deliveries(), data=st.data())
 def test_any_order_of_deliveries_ends_with_the_same_task(
-    bodies: list[bytes], data: st.DataObject
+    fresh: Fresh, bodies: list[bytes], data: st.DataObject
 ) -> None:
     """On the real ledger, any order of a task's deliveries, with repeats, ends the same."""
-    expected = final_state(bodies)
+    expected = final_state(fresh, bodies)
     terminal = json.loads(bodies[-1])
     assert expected[0] == TaskStatus(terminal["task_status"])
     assert expected[2] == terminal.get("updated_at")
     assert expected[4] == len(bodies)
-    assert final_state(arrival(data, bodies)) == expected
+    assert final_state(fresh, arrival(data, bodies)) == expected
 
 
 @settings(max_examples=40, deadline=None)
 @given(bodies=deliveries(finished=False), data=st.data())
 def test_any_order_of_deliveries_leaves_an_unfinished_task_the_same(
-    bodies: list[bytes], data: st.DataObject
+    fresh: Fresh, bodies: list[bytes], data: st.DataObject
 ) -> None:
     """Before the terminal delivery, any order of progress deliveries, with repeats, agrees."""
-    expected = final_state(bodies)
+    expected = final_state(fresh, bodies)
     assert expected[0] in (TaskStatus.submitted, TaskStatus.processing)
     assert expected[3] == ()
     assert expected[4] == len(bodies)
-    assert final_state(arrival(data, bodies)) == expected
+    assert final_state(fresh, arrival(data, bodies)) == expected
