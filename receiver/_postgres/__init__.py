@@ -88,7 +88,7 @@ class PostgresLedger:
         min_size: int = 1,
         max_size: int = 8,
         open_timeout: float = 10.0,
-        timeout: float = 10.0,
+        timeout: float = 5.0,
     ) -> None:
         self.url = url
         self._min_size, self._max_size = min_size, max_size
@@ -515,7 +515,7 @@ class PostgresLedger:
         async def op(conn: Conn) -> None:
             await conn.execute("SELECT 1")
 
-        await self._run(op, wait=min(self._timeout, 5.0))
+        await self._run(op, wait=min(self._timeout, 2.0))
 
 
 def _job(row: Row) -> AssetJob:

@@ -23,6 +23,7 @@ from receiver._sqlite.engine import _MAX_RESTARTS
 from receiver.app import create_app
 from receiver.routes import callbacks
 from receiver.settings import Settings, load_settings
+from tests.pg_server import PostgresServer
 from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, assert_error, fixture_bytes, fixture_json
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -670,3 +671,20 @@ def test_a_dead_ledger_writer_is_a_503_and_not_ready(
         retry = client.post(f"/api/tasks/{TASK_ID}/retry", headers=ADMIN)
         assert_error(retry, 503, "ledger_unavailable")
         assert recorded_tasks(client) == []
+
+
+def test_a_postgresql_that_goes_away_is_a_503_until_it_returns(
+    settings: Settings, postgres: PostgresServer
+) -> None:
+    """On PostgreSQL, a database that stops answering makes deliveries 503 (the sender
+    retries) and /readyz fail; once it is back the same process records them again."""
+    on_postgres = settings.model_copy(update={"database_url": postgres.create_database()})
+    with TestClient(create_app(on_postgres)) as client:
+        assert client.get("/readyz").status_code == 200
+        with postgres.stopped():
+            assert_error(client.post(url_for(), content=task_body()), 503, "ledger_unavailable")
+            assert client.get("/readyz").status_code == 503
+        assert client.get("/readyz").status_code == 200
+        response = client.post(url_for(), content=task_body())
+        assert response.status_code == 200, response.text
+        assert [task["task_id"] for task in recorded_tasks(client)] == [TASK_ID]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import random
 import sqlite3
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from receiver._clock import utc_now
+from receiver._postgres import PostgresLedger
 from receiver._sqlite import MIGRATIONS
 from receiver.database import open_ledger, sqlite_path
 from receiver.ledger import (
@@ -32,6 +34,7 @@ from receiver.models import (
     TaskStatus,
 )
 from receiver.shapes import parse_task
+from tests.pg_server import PostgresServer
 from tests.support import fixture_bytes, fixture_json
 
 pytestmark = pytest.mark.anyio
@@ -690,3 +693,36 @@ async def test_migrations_leave_a_current_wal_database(sqlite_url: str, tmp_path
             assert {"tasks", "events", "assets"} <= tables
         finally:
             conn.close()
+
+
+async def test_several_processes_open_one_database_at_once(db_url: str) -> None:
+    """Ledgers opened together on one new database migrate it once and share what they hold."""
+    async with contextlib.AsyncExitStack() as stack:
+        ledgers = await asyncio.gather(
+            *(stack.enter_async_context(open_ledger(db_url)) for _ in range(4))
+        )
+        await ledgers[0].apply(update(body("shared", "submitted"), channel()))
+        for ledger in ledgers:
+            task = await ledger.task("shared")
+            assert task is not None and task.status is TaskStatus.submitted
+
+
+async def test_a_postgresql_that_goes_away_is_unavailable_until_it_returns(
+    postgres: PostgresServer,
+) -> None:
+    """While PostgreSQL is down, ping and writes raise LedgerUnavailable (callbacks answer
+    503); once it is back, the same ledger works again without being reopened."""
+    async with PostgresLedger(postgres.create_database(), timeout=1.0) as ledger:
+        await ledger.apply(update(body("before", "submitted"), channel()))
+        with postgres.stopped():
+            with pytest.raises(LedgerUnavailable):
+                await ledger.ping()
+            with pytest.raises(LedgerUnavailable):
+                await ledger.apply(update(body("during", "submitted"), channel()))
+            with pytest.raises(LedgerUnavailable):
+                await ledger.claim_asset("worker", 30)
+        await ledger.ping()
+        applied = await ledger.apply(update(body("after", "submitted"), channel()))
+        assert applied.outcome is Outcome.moved
+        assert await ledger.task("before") is not None
+        assert await ledger.task("during") is None
