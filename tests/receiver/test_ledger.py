@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 
-from receiver._clock import utc_now
+from receiver._clock import utc_in, utc_now
 from receiver._postgres import PostgresLedger
 from receiver._sqlite import MIGRATIONS
 from receiver.database import open_ledger, sqlite_path
 from receiver.ledger import (
+    AssetResult,
     Ledger,
     LedgerUnavailable,
     Outcome,
@@ -726,3 +727,55 @@ async def test_a_postgresql_that_goes_away_is_unavailable_until_it_returns(
         assert applied.outcome is Outcome.moved
         assert await ledger.task("before") is not None
         assert await ledger.task("during") is None
+
+
+async def test_claims_take_lapsed_leases_then_new_jobs_then_due_retries(ledger: Ledger) -> None:
+    """The asset queue's order on every backend: a lapsed lease is taken over first, then new
+    jobs, then retries that are due; a retry not yet due waits; the lapsed lease's first
+    holder can no longer settle it, its new holder can."""
+    await ledger.apply(update(succeed("q", videos=4), channel()))
+    jobs = [await ledger.claim_asset("w1", 30) for _ in range(2)]
+    first, second = [job for job in jobs if job is not None]
+    assert (first.index, second.index) == (0, 1)
+    due = AssetResult(AssetState.pending, error="busy", retry_at=utc_in(-1))
+    assert await ledger.settle_asset(first.asset_id, "w1", due)  # video 0: a due retry
+    not_yet = AssetResult(AssetState.pending, error="busy", retry_at=utc_in(60))
+    assert await ledger.settle_asset(second.asset_id, "w1", not_yet)  # video 1: waits
+    lapsing = await ledger.claim_asset("w2", -1)  # video 2: its lease has lapsed already
+    assert lapsing is not None and lapsing.index == 2
+
+    claimed = [await ledger.claim_asset("w3", 30) for _ in range(4)]
+    assert [None if job is None else job.index for job in claimed] == [2, 3, 0, None]
+    stored = AssetResult(AssetState.stored, location="x", sha256="ab", size=1, stored_at=utc_now())
+    assert not await ledger.settle_asset(lapsing.asset_id, "w2", stored)
+    taken_over = claimed[0]
+    assert taken_over is not None and taken_over.asset_id == lapsing.asset_id
+    assert await ledger.settle_asset(taken_over.asset_id, "w3", stored)
+    task = await ledger.task("q")
+    assert task is not None
+    assert [asset.state for asset in task.assets] == [
+        AssetState.downloading,
+        AssetState.pending,
+        AssetState.stored,
+        AssetState.downloading,
+    ]
+
+
+async def test_files_stored_at_once_by_two_workers_archive_their_task(ledger: Ledger) -> None:
+    """Two workers storing a task's last two files at the same moment: the task is archived
+    (neither may miss the other's file), on every backend."""
+    stored = AssetResult(AssetState.stored, location="x", sha256="ab", size=1, stored_at=utc_now())
+    for n in range(20):
+        await ledger.apply(update(succeed(f"pair{n}", videos=2), channel(str(n))))
+        jobs = [await ledger.claim_asset(f"w{k}", 30) for k in range(2)]
+        assert all(job is not None for job in jobs)
+        settled = await asyncio.gather(
+            *(
+                ledger.settle_asset(job.asset_id, f"w{k}", stored)
+                for k, job in enumerate(jobs)
+                if job
+            )
+        )
+        assert settled == [True, True]
+        task = await ledger.task(f"pair{n}")
+        assert task is not None and task.archived, n

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import psycopg
 import pytest
 
 from receiver._clock import stamp
+from receiver._postgres import _IN_FLIGHT as _POSTGRES_IN_FLIGHT
+from receiver._postgres.schema import MIGRATIONS as POSTGRES_MIGRATIONS
 from receiver._sqlite.polls import _IN_FLIGHT
 from receiver._sqlite.schema import MIGRATIONS
 from receiver.ledger import Outcome, Update
@@ -31,6 +35,7 @@ from receiver.rules import (
     requeued,
 )
 from receiver.shapes import parse_task
+from tests.pg_server import PostgresServer
 
 T2V = "videos/text2video"
 NOW = 1_800_000_000.0
@@ -479,3 +484,36 @@ REQUEUED = {
 @pytest.mark.parametrize(("state", "force", "expected"), REQUEUED.values(), ids=REQUEUED.keys())
 def test_requeued(state: AssetState, force: bool, expected: bool) -> None:
     assert requeued(state, force=force) is expected
+
+
+@pytest.fixture(scope="module")
+def postgres_tasks(postgres: PostgresServer) -> Iterator[psycopg.Connection[Any]]:
+    """A connection to a PostgreSQL database holding the PostgreSQL ledger's schema."""
+    url = postgres.create_database()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statements in POSTGRES_MIGRATIONS:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[arg-type]
+        yield conn
+
+
+@pytest.mark.parametrize(("stored", "expected"), IN_FLIGHT.values(), ids=IN_FLIGHT.keys())
+def test_the_postgresql_poller_sql_follows_in_flight(
+    postgres_tasks: psycopg.Connection[Any], stored: TaskRow, expected: bool
+) -> None:
+    """PostgreSQL's condition for what the poller may query picks the tasks `in_flight` does."""
+    with postgres_tasks.transaction(force_rollback=True):
+        postgres_tasks.execute(
+            "INSERT INTO tasks (task_id, action, status, verify_due, created_at, updated_at)"
+            " VALUES (%s, %s, %s, %s, '', '')",
+            (
+                stored.task_id,
+                stored.action,
+                None if stored.status is None else stored.status.value,
+                stored.verify_due,
+            ),
+        )
+        found = postgres_tasks.execute(
+            f"SELECT count(*) FROM tasks WHERE {_POSTGRES_IN_FLIGHT}"
+        ).fetchone()
+        assert found is not None and bool(found[0]) is expected
