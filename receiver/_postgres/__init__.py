@@ -22,7 +22,7 @@ from psycopg import errors
 from psycopg.rows import dict_row
 
 from receiver._clock import utc_in, utc_now
-from receiver._postgres import tasks
+from receiver._postgres import tasks, text
 from receiver._postgres.schema import MIGRATIONS, migrate
 from receiver.ledger import (
     Applied,
@@ -116,6 +116,7 @@ class PostgresLedger:
                 "connect_timeout": _CONNECT_TIMEOUT,
             },
             connection_class=psycopg.AsyncConnection[Row],
+            configure=_configure,
             # A connection the server dropped (a restart) is found out before it is used.
             check=psycopg_pool.AsyncConnectionPool.check_connection,
             timeout=self._timeout,
@@ -516,6 +517,11 @@ class PostgresLedger:
             await conn.execute("SELECT 1")
 
         await self._run(op, wait=min(self._timeout, 2.0))
+
+
+async def _configure(conn: Conn) -> None:
+    """Each new connection of the pool keeps strings as SQLite does (see `text`)."""
+    text.register(conn)
 
 
 def _job(row: Row) -> AssetJob:

@@ -779,3 +779,17 @@ async def test_files_stored_at_once_by_two_workers_archive_their_task(ledger: Le
         assert settled == [True, True]
         task = await ledger.task(f"pair{n}")
         assert task is not None and task.archived, n
+
+
+async def test_text_with_nul_characters_is_recorded_as_it_came(ledger: Ledger) -> None:
+    """A message or status holding NUL characters (which PostgreSQL's text cannot hold) is
+    recorded and read back as delivered, on every backend, not refused forever."""
+    odd = "a\x00b \ue000 \ue000\ue001 \\0"
+    applied = await ledger.apply(update(body("nul", "processing", 1, task_status_msg=odd)))
+    assert applied.outcome is Outcome.moved
+    unknown = await ledger.apply(update(body("nul", "weird\x00status", 2)))
+    assert unknown.outcome is Outcome.kept
+    task = await ledger.task("nul")
+    assert task is not None and task.status_msg == odd
+    events = await ledger.events("nul") or []
+    assert [event.status for event in events] == ["processing", "weird\x00status"]
