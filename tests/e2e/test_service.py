@@ -231,8 +231,24 @@ def test_a_shared_url_heard_first_does_not_lock_out_the_tasks_own_url(service: S
     assert [event["status"] for event in events] == ["failed", "processing", "succeed"]
 
 
-def test_everything_survives_sigkill_and_restart(service: Service) -> None:
-    """Tasks, verbatim events and assets acknowledged before a SIGKILL are there after restart."""
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]:
+    """The service on each ledger backend: its SQLite file, or a new PostgreSQL database."""
+    env = {}
+    if request.param == "postgres":
+        env["DATABASE_URL"] = request.getfixturevalue("postgres").create_database()
+    running = Service(tmp_path / "data", env)
+    running.start()
+    yield running
+    if running.process is not None:
+        running.process.kill()
+        running.process.wait()
+
+
+def test_everything_survives_sigkill_and_restart(any_service: Service) -> None:
+    """Tasks, verbatim events and assets acknowledged before a SIGKILL are there after restart,
+    on SQLite and on PostgreSQL."""
+    service = any_service
     deliveries = []
     for name, action in SAMPLES:
         deliveries.append((url_for(service, fixture_json(name), action), fixture_bytes(name)))
@@ -263,8 +279,10 @@ def test_everything_survives_sigkill_and_restart(service: Service) -> None:
     assert again["outcome"] == "duplicate"
 
 
-def test_a_thousand_concurrent_deliveries_are_all_recorded_durably(service: Service) -> None:
-    """1000 concurrent deliveries for 100 tasks all get 200 and survive a SIGKILL."""
+def test_a_thousand_concurrent_deliveries_are_all_recorded_durably(any_service: Service) -> None:
+    """1000 concurrent deliveries for 100 tasks all get 200 and survive a SIGKILL, on SQLite
+    and on PostgreSQL."""
+    service = any_service
     repeats = (2, 3, 2, 3)  # times each of a task's four distinct bodies is sent
     deliveries: list[tuple[str, bytes]] = []
     expected: dict[str, tuple[str, list[bytes], int]] = {}
