@@ -52,8 +52,10 @@ ASSET_FIELDS = {
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as client:
+def client(settings: Settings, ledger_url: str) -> Iterator[TestClient]:
+    """The app on each ledger backend: the API answers the same from SQLite and PostgreSQL."""
+    on_backend = settings.model_copy(update={"database_url": ledger_url})
+    with TestClient(create_app(on_backend)) as client:
         yield client
 
 
