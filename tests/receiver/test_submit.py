@@ -39,12 +39,15 @@ def kling_settings(tmp_path: Path, base: str) -> Settings:
 
 
 @pytest.fixture
-def app(tmp_path: Path, kling: FakeKling) -> Iterator[App]:
-    """Start the app against the fake Kling (or `base`); stopped at the end of the test."""
+def app(tmp_path: Path, kling: FakeKling, ledger_url: str) -> Iterator[App]:
+    """Start the app against the fake Kling (or `base`), on each ledger backend; stopped at
+    the end of the test."""
     opened: list[TestClient] = []
 
     def start(base: str | None = None) -> TestClient:
-        client = TestClient(create_app(kling_settings(tmp_path, base or kling.base_url)))
+        made = kling_settings(tmp_path, base or kling.base_url)
+        made = made.model_copy(update={"database_url": ledger_url})
+        client = TestClient(create_app(made))
         client.__enter__()
         opened.append(client)
         return client
