@@ -74,6 +74,7 @@ WHERE assets.id = next.id AND tasks.id = assets.task_pk
 RETURNING assets.*, tasks.task_id, tasks.action, tasks.params"""
 
 _CONNECT_TIMEOUT = 5  # seconds, for each new connection
+_RECONNECT_GIVE_UP = 5.0  # seconds of failed reconnection before the next call starts afresh
 _RETRIED = (errors.DeadlockDetected, errors.SerializationFailure)
 _ATTEMPTS = 5
 
@@ -120,6 +121,10 @@ class PostgresLedger:
             # A connection the server dropped (a restart) is found out before it is used.
             check=psycopg_pool.AsyncConnectionPool.check_connection,
             timeout=self._timeout,
+            # While the database is away the pool retries with a doubling delay; giving up
+            # after this long lets the next call try at once, so a database that comes back
+            # is in use again within seconds, not after a delay grown to minutes.
+            reconnect_timeout=_RECONNECT_GIVE_UP,
             open=False,
             name="ledger",
         )
