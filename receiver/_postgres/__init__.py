@@ -21,6 +21,7 @@ import psycopg_pool
 from psycopg import errors
 from psycopg.rows import dict_row
 
+from receiver import _rows
 from receiver._clock import utc_in, utc_now
 from receiver._postgres import tasks, text
 from receiver._postgres.schema import MIGRATIONS, migrate
@@ -34,7 +35,7 @@ from receiver.ledger import (
     TaskPage,
     Update,
 )
-from receiver.models import AssetKind, AssetState, EventRecord, TaskRecord, TaskStatus
+from receiver.models import AssetState, EventRecord, TaskRecord, TaskStatus
 from receiver.rules import archived as all_stored
 from receiver.rules import decode_cursor, encode_cursor, requeued
 
@@ -217,7 +218,7 @@ class PostgresLedger:
             cur = await conn.execute(
                 "SELECT * FROM events WHERE task_pk = %s ORDER BY id", (task["id"],)
             )
-            return [tasks.event_record(task_id, row) for row in await cur.fetchall()]
+            return [_rows.event_record(task_id, row) for row in await cur.fetchall()]
 
         return await self._run(op)
 
@@ -229,7 +230,7 @@ class PostgresLedger:
                 _CLAIM, {"now": utc_now(), "owner": owner, "until": utc_in(lease_seconds)}
             )
             row = await cur.fetchone()
-            return None if row is None else _job(row)
+            return None if row is None else _rows.asset_job(row)
 
         return await self._run(op)
 
@@ -344,7 +345,7 @@ class PostgresLedger:
                 )
                 known = await cur.fetchone()
                 if known is not None:
-                    return _submission(known), False
+                    return _rows.submission(known), False
             now = utc_now()
             cur = await conn.execute(
                 """INSERT INTO tasks (external_task_id, action, callback_ref, params, submission,
@@ -362,7 +363,7 @@ class PostgresLedger:
             )
             row = await cur.fetchone()
             assert row is not None
-            return _submission(row), True
+            return _rows.submission(row), True
 
         return await self._run(op)
 
@@ -373,7 +374,7 @@ class PostgresLedger:
                 (external_task_id,),
             )
             row = await cur.fetchone()
-            return None if row is None else _submission(row)
+            return None if row is None else _rows.submission(row)
 
         return await self._run(op)
 
@@ -394,7 +395,7 @@ class PostgresLedger:
                    AND created_at <= %s ORDER BY id LIMIT 100""",
                 (utc_in(-older_than),),
             )
-            return [_submission(row) for row in await cur.fetchall()]
+            return [_rows.submission(row) for row in await cur.fetchall()]
 
         return await self._run(op)
 
@@ -527,35 +528,6 @@ class PostgresLedger:
 async def _configure(conn: Conn) -> None:
     """Each new connection of the pool keeps strings as SQLite does (see `text`)."""
     text.register(conn)
-
-
-def _job(row: Row) -> AssetJob:
-    return AssetJob(
-        asset_id=row["id"],
-        task_id=row["task_id"],
-        action=row["action"],
-        kind=AssetKind(row["kind"]),
-        index=row["idx"],
-        variant=row["variant"],
-        group_id=row["group_id"],
-        url=row["url"],
-        attempts=row["attempts"],
-        created_at=row["created_at"],
-        expected_sha256=row["sha256"],
-        task_params=None if row["params"] is None else json.loads(row["params"]),
-    )
-
-
-def _submission(row: Row) -> Submission:
-    return Submission(
-        external_task_id=row["external_task_id"],
-        action=row["action"],
-        params=json.loads(row["params"]) if row["params"] else {},
-        state=row["submission"],
-        task_id=row["task_id"],
-        error=row["submit_error"],
-        created_at=row["created_at"],
-    )
 
 
 def _said(exc: BaseException) -> str:

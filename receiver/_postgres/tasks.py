@@ -19,21 +19,17 @@ from typing import Any
 
 import psycopg
 
+from receiver import _rows
 from receiver._clock import epoch_now
 from receiver.ledger import Applied, Outcome, Update
 from receiver.models import (
-    AssetKind,
-    AssetRecord,
     AssetState,
-    EventRecord,
     KlingTask,
-    Source,
     TaskRecord,
-    TaskStatus,
 )
 from receiver.rules import Known, TaskRow, awaits_confirmation, claimed, decide
 
-__all__ = ["apply", "event_record", "lock", "task_records"]
+__all__ = ["apply", "lock", "task_records"]
 
 Row = Mapping[str, Any]
 Conn = psycopg.AsyncConnection[Row]
@@ -242,11 +238,11 @@ def _task_row(values: Row | None) -> TaskRow | None:
         action=values["action"],
         callback_ref=values["callback_ref"],
         submission=values["submission"],
-        status=_status(values["status"]),
+        status=_rows.status(values["status"]),
         status_msg=values["status_msg"],
         kling_updated_at=values["kling_updated_at"],
         state_digest=values["state_digest"],
-        terminal_source=_source(values["terminal_source"]),
+        terminal_source=_rows.source(values["terminal_source"]),
         updates=values["updates"],
         updated_at=values["updated_at"],
         kling_created_at=values["kling_created_at"],
@@ -284,14 +280,6 @@ def _values(row: TaskRow) -> tuple[Any, ...]:
     )
 
 
-def _status(value: str | None) -> TaskStatus | None:
-    return None if value is None else TaskStatus(value)
-
-
-def _source(value: str | None) -> Source | None:
-    return None if value is None else Source(value)
-
-
 async def task_records(conn: Conn, rows: Sequence[Row]) -> list[TaskRecord]:
     """The records of these task rows, with their assets (read in one query)."""
     if not rows:
@@ -303,57 +291,4 @@ async def task_records(conn: Conn, rows: Sequence[Row]) -> list[TaskRecord]:
     assets: dict[int, list[Row]] = {}
     for asset in await cur.fetchall():
         assets.setdefault(asset["task_pk"], []).append(asset)
-    return [_task_record(row, assets.get(row["id"], [])) for row in rows]
-
-
-def _task_record(row: Row, assets: Sequence[Row]) -> TaskRecord:
-    return TaskRecord(
-        task_id=row["task_id"],
-        action=row["action"],
-        status=_status(row["status"]),
-        status_msg=row["status_msg"],
-        external_task_id=row["external_task_id"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        kling_updated_at=row["kling_updated_at"],
-        terminal_source=_source(row["terminal_source"]),
-        updates=row["updates"],
-        polls=row["polls"],
-        flag=row["flag"],
-        archived_at=row["archived_at"],
-        assets=tuple(
-            AssetRecord(
-                kind=AssetKind(asset["kind"]),
-                index=asset["idx"],
-                variant=asset["variant"],
-                group_id=asset["group_id"],
-                url=asset["url"],
-                state=AssetState(asset["state"]),
-                location=asset["location"],
-                sha256=asset["sha256"],
-                size=asset["size"],
-                content_type=asset["content_type"],
-                attempts=asset["attempts"],
-                error=asset["error"],
-                stored_at=asset["stored_at"],
-            )
-            for asset in assets
-        ),
-    )
-
-
-def event_record(task_id: str, row: Row) -> EventRecord:
-    return EventRecord(
-        id=row["id"],
-        task_id=task_id,
-        source=Source(row["source"]),
-        status=row["status"],
-        body=bytes(row["body"]),
-        headers=json.loads(row["headers"]),
-        remote=row["remote"],
-        received_at=row["received_at"],
-        last_received_at=row["last_received_at"],
-        times_received=row["times_received"],
-        applied=bool(row["applied"]),
-        shape=row["shape"],
-    )
+    return [_rows.task_record(row, assets.get(row["id"], [])) for row in rows]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from receiver import _rows
 from receiver._clock import utc_in, utc_now
 from receiver._sqlite import assets, polls, tasks
 from receiver._sqlite.engine import Engine
@@ -81,7 +82,7 @@ class SQLiteLedger(Engine):
             rows = conn.execute(
                 "SELECT * FROM events WHERE task_pk = ? ORDER BY id", (task["id"],)
             ).fetchall()
-            return [tasks.event_record(task_id, row) for row in rows]
+            return [_rows.event_record(task_id, row) for row in rows]
 
         return await self.read(op)
 

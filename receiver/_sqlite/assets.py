@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 
+from receiver import _rows
 from receiver._clock import utc_in, utc_now
 from receiver.ledger import AssetJob, AssetResult
-from receiver.models import AssetKind, AssetState
+from receiver.models import AssetState
 
 __all__ = ["claim", "settle"]
 
@@ -48,20 +48,7 @@ def claim(conn: sqlite3.Connection, owner: str, lease_seconds: float) -> AssetJo
            WHERE id = ?""",
         (owner, utc_in(lease_seconds), now, row["id"]),
     )
-    return AssetJob(
-        asset_id=row["id"],
-        task_id=row["task_id"],
-        action=row["action"],
-        kind=AssetKind(row["kind"]),
-        index=row["idx"],
-        variant=row["variant"],
-        group_id=row["group_id"],
-        url=row["url"],
-        attempts=row["attempts"],
-        created_at=row["created_at"],
-        expected_sha256=row["sha256"],
-        task_params=None if row["params"] is None else json.loads(row["params"]),
-    )
+    return _rows.asset_job(row)
 
 
 def settle(conn: sqlite3.Connection, asset_id: int, owner: str, result: AssetResult) -> bool:

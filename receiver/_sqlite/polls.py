@@ -6,6 +6,7 @@ import json
 import sqlite3
 from typing import Any
 
+from receiver import _rows
 from receiver._clock import utc_in, utc_now
 from receiver.ledger import PollJob, Submission
 
@@ -38,7 +39,7 @@ def record_submission(
             "SELECT * FROM tasks WHERE idempotency_key = ?", (idempotency_key,)
         ).fetchone()
         if known is not None:
-            return _submission(known), False
+            return _rows.submission(known), False
     now = utc_now()
     conn.execute(
         """INSERT INTO tasks (external_task_id, action, callback_ref, params, submission,
@@ -64,7 +65,7 @@ def submission(conn: sqlite3.Connection, external_task_id: str) -> Submission | 
         "SELECT * FROM tasks WHERE external_task_id = ? AND submission IS NOT NULL",
         (external_task_id,),
     ).fetchone()
-    return None if row is None else _submission(row)
+    return None if row is None else _rows.submission(row)
 
 
 def submission_failed(
@@ -83,7 +84,7 @@ def stale_submissions(conn: sqlite3.Connection, older_than: float) -> list[Submi
            AND created_at <= ? ORDER BY id LIMIT 100""",
         (utc_in(-older_than),),
     ).fetchall()
-    return [_submission(row) for row in rows]
+    return [_rows.submission(row) for row in rows]
 
 
 def track(conn: sqlite3.Connection, action: str, task_id: str) -> bool:
@@ -153,15 +154,3 @@ def stats(conn: sqlite3.Connection) -> dict[str, int]:
            FROM tasks"""
     ).fetchone()
     return dict(row)
-
-
-def _submission(row: sqlite3.Row) -> Submission:
-    return Submission(
-        external_task_id=row["external_task_id"],
-        action=row["action"],
-        params=json.loads(row["params"]) if row["params"] else {},
-        state=row["submission"],
-        task_id=row["task_id"],
-        error=row["submit_error"],
-        created_at=row["created_at"],
-    )

@@ -7,21 +7,17 @@ import sqlite3
 from dataclasses import replace
 from typing import Any
 
+from receiver import _rows
 from receiver._clock import epoch_now
 from receiver.ledger import Applied, Outcome, Update
 from receiver.models import (
-    AssetKind,
-    AssetRecord,
     AssetState,
-    EventRecord,
     KlingTask,
-    Source,
     TaskRecord,
-    TaskStatus,
 )
 from receiver.rules import Known, TaskRow, awaits_confirmation, claimed, decide
 
-__all__ = ["apply", "event_record", "task_record"]
+__all__ = ["apply", "task_record"]
 
 
 # What `apply` reads of a task and may write, in this order; positions below name them.
@@ -259,11 +255,11 @@ def _task_row(values: tuple[Any, ...] | None) -> TaskRow | None:
         action=values[_ACTION],
         callback_ref=values[_CALLBACK_REF],
         submission=values[_SUBMISSION],
-        status=_status(values[_STATUS]),
+        status=_rows.status(values[_STATUS]),
         status_msg=values[_STATUS_MSG],
         kling_updated_at=values[_KLING_UPDATED_AT],
         state_digest=values[_STATE_DIGEST],
-        terminal_source=_source(values[_TERMINAL_SOURCE]),
+        terminal_source=_rows.source(values[_TERMINAL_SOURCE]),
         updates=values[_UPDATES],
         updated_at=values[_UPDATED_AT],
         kling_created_at=values[_KLING_CREATED_AT],
@@ -302,65 +298,8 @@ def _values(row: TaskRow) -> tuple[Any, ...]:
     )
 
 
-def _status(value: str | None) -> TaskStatus | None:
-    return None if value is None else TaskStatus(value)
-
-
 def task_record(conn: sqlite3.Connection, row: sqlite3.Row) -> TaskRecord:
     assets = conn.execute(
         "SELECT * FROM assets WHERE task_pk = ? ORDER BY kind DESC, idx, variant", (row["id"],)
     ).fetchall()
-    return TaskRecord(
-        task_id=row["task_id"],
-        action=row["action"],
-        status=_status(row["status"]),
-        status_msg=row["status_msg"],
-        external_task_id=row["external_task_id"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        kling_updated_at=row["kling_updated_at"],
-        terminal_source=_source(row["terminal_source"]),
-        updates=row["updates"],
-        polls=row["polls"],
-        flag=row["flag"],
-        archived_at=row["archived_at"],
-        assets=tuple(
-            AssetRecord(
-                kind=AssetKind(asset["kind"]),
-                index=asset["idx"],
-                variant=asset["variant"],
-                group_id=asset["group_id"],
-                url=asset["url"],
-                state=AssetState(asset["state"]),
-                location=asset["location"],
-                sha256=asset["sha256"],
-                size=asset["size"],
-                content_type=asset["content_type"],
-                attempts=asset["attempts"],
-                error=asset["error"],
-                stored_at=asset["stored_at"],
-            )
-            for asset in assets
-        ),
-    )
-
-
-def _source(value: str | None) -> Source | None:
-    return None if value is None else Source(value)
-
-
-def event_record(task_id: str, row: sqlite3.Row) -> EventRecord:
-    return EventRecord(
-        id=row["id"],
-        task_id=task_id,
-        source=Source(row["source"]),
-        status=row["status"],
-        body=row["body"],
-        headers=json.loads(row["headers"]),
-        remote=row["remote"],
-        received_at=row["received_at"],
-        last_received_at=row["last_received_at"],
-        times_received=row["times_received"],
-        applied=bool(row["applied"]),
-        shape=row["shape"],
-    )
+    return _rows.task_record(row, assets)
