@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from receiver.ledger import AssetJob, Submission
+from receiver.ledger import AssetJob, AssetResult, Submission
 from receiver.models import (
     AssetKind,
     AssetRecord,
@@ -21,7 +21,15 @@ from receiver.models import (
     TaskStatus,
 )
 
-__all__ = ["asset_job", "event_record", "source", "status", "submission", "task_record"]
+__all__ = [
+    "asset_job",
+    "event_record",
+    "settled",
+    "source",
+    "status",
+    "submission",
+    "task_record",
+]
 
 
 class Row(Protocol):
@@ -119,4 +127,23 @@ def submission(row: Row) -> Submission:
         task_id=row["task_id"],
         error=row["submit_error"],
         created_at=row["created_at"],
+    )
+
+
+def settled(result: AssetResult) -> tuple[Any, ...]:
+    """What settling an attempt writes, in the order both backends' UPDATE names it.
+
+    State, error, next attempt, attempts added, then location, sha256, size, content
+    type and stored_at (each kept as it was when the result has none).
+    """
+    return (
+        result.state.value,
+        result.error,
+        result.retry_at,
+        int(result.count_attempt),
+        result.location,
+        result.sha256,
+        result.size,
+        result.content_type,
+        result.stored_at,
     )

@@ -267,20 +267,7 @@ class PostgresLedger:
                                      content_type = coalesce(%s, content_type),
                                      stored_at = coalesce(%s, stored_at), updated_at = %s
                    WHERE id = %s AND lease_owner = %s AND state = 'downloading'""",
-                (
-                    result.state.value,
-                    result.error,
-                    result.retry_at,
-                    int(result.count_attempt),
-                    result.location,
-                    result.sha256,
-                    result.size,
-                    result.content_type,
-                    result.stored_at,
-                    now,
-                    asset_id,
-                    owner,
-                ),
+                (*_rows.settled(result), now, asset_id, owner),
             )
             if cur.rowcount != 1:
                 return False

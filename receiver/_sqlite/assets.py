@@ -60,20 +60,7 @@ def settle(conn: sqlite3.Connection, asset_id: int, owner: str, result: AssetRes
                              size = coalesce(?, size), content_type = coalesce(?, content_type),
                              stored_at = coalesce(?, stored_at), updated_at = ?
            WHERE id = ? AND lease_owner = ? AND state = 'downloading'""",
-        (
-            result.state.value,
-            result.error,
-            result.retry_at,
-            int(result.count_attempt),
-            result.location,
-            result.sha256,
-            result.size,
-            result.content_type,
-            result.stored_at,
-            now,
-            asset_id,
-            owner,
-        ),
+        (*_rows.settled(result), now, asset_id, owner),
     )
     if settled.rowcount != 1:
         return False
