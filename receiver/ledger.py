@@ -345,8 +345,11 @@ class Ledger(AssetQueue, Protocol):
         """Mark a submission that Kling refused (`refused`) or never received (`lost`)."""
         ...
 
-    async def stale_submissions(self, older_than: float) -> list[Submission]:
-        """Submissions still pending after `older_than` seconds: their process died mid-call."""
+    async def claim_stale_submissions(
+        self, older_than: float, hold_seconds: float
+    ) -> list[Submission]:
+        """Submissions still pending after `older_than` seconds (their process died mid-call),
+        each held for `hold_seconds` so no other process reconciles it meanwhile."""
         ...
 
     async def track(self, action: str, task_id: str) -> bool:

@@ -198,7 +198,9 @@ class Poller:
 
     async def reconcile(self) -> None:
         """Settle submissions whose process died between recording them and Kling's answer."""
-        stale = await self.ledger.stale_submissions(self.settings.submit_reconcile_after)
+        stale = await self.ledger.claim_stale_submissions(
+            self.settings.submit_reconcile_after, _HOLD_SECONDS
+        )
         for submission, data in await self._look_up(stale):
             ext = submission.external_task_id
             if data is None:

@@ -375,14 +375,23 @@ class PostgresLedger:
 
         await self._run(op)
 
-    async def stale_submissions(self, older_than: float) -> list[Submission]:
+    async def claim_stale_submissions(
+        self, older_than: float, hold_seconds: float
+    ) -> list[Submission]:
         async def op(conn: Conn) -> list[Submission]:
+            # A pending submission has no task to poll yet, so its next_poll_at holds the claim.
             cur = await conn.execute(
-                """SELECT * FROM tasks WHERE submission = 'pending' AND task_id IS NULL
-                   AND created_at <= %s ORDER BY id LIMIT 100""",
-                (utc_in(-older_than),),
+                """UPDATE tasks SET next_poll_at = %s
+                   WHERE id IN (SELECT id FROM tasks
+                                WHERE submission = 'pending' AND task_id IS NULL
+                                AND created_at <= %s
+                                AND (next_poll_at IS NULL OR next_poll_at <= %s)
+                                ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED)
+                   RETURNING *""",
+                (utc_in(hold_seconds), utc_in(-older_than), utc_now()),
             )
-            return [_rows.submission(row) for row in await cur.fetchall()]
+            rows = sorted(await cur.fetchall(), key=lambda row: row["id"])
+            return [_rows.submission(row) for row in rows]
 
         return await self._run(op)
 

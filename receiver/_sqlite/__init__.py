@@ -142,8 +142,12 @@ class SQLiteLedger(Engine):
     async def submission_failed(self, external_task_id: str, state: str, error: str) -> None:
         await self.write(lambda conn: polls.submission_failed(conn, external_task_id, state, error))
 
-    async def stale_submissions(self, older_than: float) -> list[Submission]:
-        return await self.read(lambda conn: polls.stale_submissions(conn, older_than))
+    async def claim_stale_submissions(
+        self, older_than: float, hold_seconds: float
+    ) -> list[Submission]:
+        return await self.write(
+            lambda conn: polls.claim_stale_submissions(conn, older_than, hold_seconds)
+        )
 
     async def track(self, action: str, task_id: str) -> bool:
         return await self.write(lambda conn: polls.track(conn, action, task_id))

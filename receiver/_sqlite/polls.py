@@ -12,16 +12,19 @@ from receiver.ledger import PollJob, Submission
 
 __all__ = [
     "claim_polls",
+    "claim_stale_submissions",
     "poll_everything_in_flight",
     "poll_failed",
     "record_submission",
-    "stale_submissions",
     "stats",
     "submission",
     "submission_failed",
     "track",
 ]
 
+# Pending past a cutoff and not held by another process's reconciliation round.
+_STALE = """submission = 'pending' AND task_id IS NULL AND created_at <= ?
+            AND (next_poll_at IS NULL OR next_poll_at <= ?)"""
 # Unfinished, identified and queryable: what the poller may look at (`rules.in_flight`).
 _IN_FLIGHT = """task_id IS NOT NULL AND action IS NOT NULL
                 AND (status IS NULL OR status IN ('submitted', 'processing') OR verify_due = 1)"""
@@ -78,13 +81,16 @@ def submission_failed(
     )
 
 
-def stale_submissions(conn: sqlite3.Connection, older_than: float) -> list[Submission]:
+def claim_stale_submissions(
+    conn: sqlite3.Connection, older_than: float, hold_seconds: float
+) -> list[Submission]:
+    # A pending submission has no task to poll yet, so its next_poll_at holds the claim.
     rows = conn.execute(
-        """SELECT * FROM tasks WHERE submission = 'pending' AND task_id IS NULL
-           AND created_at <= ? ORDER BY id LIMIT 100""",
-        (utc_in(-older_than),),
+        f"""UPDATE tasks SET next_poll_at = ? WHERE id IN (SELECT id FROM tasks WHERE {_STALE}
+            ORDER BY id LIMIT 100) RETURNING *""",
+        (utc_in(hold_seconds), utc_in(-older_than), utc_now()),
     ).fetchall()
-    return [_rows.submission(row) for row in rows]
+    return [_rows.submission(row) for row in sorted(rows, key=lambda row: row["id"])]
 
 
 def track(conn: sqlite3.Connection, action: str, task_id: str) -> bool:

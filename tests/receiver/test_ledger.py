@@ -439,6 +439,24 @@ async def test_a_submission_outranks_a_hand_made_url_heard_first(ledger: Ledger)
     assert refused.reason == "this task reports to another callback URL"
 
 
+async def test_a_stale_submission_is_claimed_by_one_reconciler_at_a_time(
+    ledger: Ledger,
+) -> None:
+    """Pending past the cutoff: claimed in order, then held; an answered one is done with."""
+    for ext in ("E", "F"):
+        await ledger.record_submission(T2V, {"prompt": "p"}, ext, None)
+    assert await ledger.claim_stale_submissions(3600.0, 60.0) == []  # not stale yet
+
+    lapsed = await ledger.claim_stale_submissions(0.0, 0.0)  # a hold that lapses at once
+    assert [s.external_task_id for s in lapsed] == ["E", "F"]
+    answered = update(body("T", "submitted", 1), CallbackRef("x-E", T2V), source=Source.submit)
+    await ledger.apply(answered)
+
+    again = await ledger.claim_stale_submissions(0.0, 60.0)
+    assert [s.external_task_id for s in again] == ["F"]
+    assert await ledger.claim_stale_submissions(0.0, 60.0) == []  # held by that claim
+
+
 async def test_a_hand_made_url_never_takes_a_task_from_its_own_url(ledger: Ledger) -> None:
     """A task bound to its x- URL, or submitted by the service, refuses every h- URL."""
     await ledger.apply(update(body("T", "submitted", 1), CallbackRef("x-E", T2V)))

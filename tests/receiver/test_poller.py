@@ -109,7 +109,7 @@ async def test_a_stale_submission_kling_knows_is_reconciled_into_a_task(
     submission = await ledger.submission(ext)
     assert submission is not None
     assert (submission.state, submission.task_id) == ("accepted", fake_task.task_id)
-    assert await ledger.stale_submissions(0.0) == []
+    assert await ledger.claim_stale_submissions(0.0, 0.0) == []
     # Kling's callbacks through the URL given at submission now speak for this task.
     kling.advance(fake_task.task_id, "succeed", urls=["https://cdn.example/a.mp4"])
     applied = await ledger.apply(callback(kling.task(fake_task.task_id).as_json(), ext))

@@ -158,7 +158,7 @@ def test_a_refusal_is_a_4xx_with_klings_code_and_leaves_nothing_pending(
     (create,) = kling.creates()
     submission = in_app(client, "submission", create.body["external_task_id"])
     assert submission.state == "refused"
-    assert in_app(client, "stale_submissions", 0.0) == []
+    assert in_app(client, "claim_stale_submissions", 0.0, 60.0) == []
     # The same key again says what happened rather than submitting again.
     again, replay = post(client, GOOD, key="refused-1")
     assert (again, replay["error"]) == (422, "submission_failed")
@@ -209,7 +209,7 @@ def test_a_submission_kling_did_not_answer_stays_pending_for_reconciliation(app:
 
     assert (status, body["error"]) == (504, "kling_unavailable")
     assert "reconciled" in body["message"]
-    (pending,) = in_app(client, "stale_submissions", 0.0)
+    (pending,) = in_app(client, "claim_stale_submissions", 0.0, 60.0)
     assert (pending.state, pending.action, pending.params) == ("pending", T2V, GOOD)
     assert pending.external_task_id in body["message"]
     again, replay = post(client, GOOD, key="order-44")
