@@ -2,12 +2,14 @@
 
 Bytes go to a hidden `.NAME.part` file in the target directory (with a
 `.NAME.part.json` noting the validator they came with, so a later attempt can
-resume with Range). Commit fsyncs the file, renames it into place, writes the
-JSON sidecar the same way, and fsyncs the directory.
+resume with Range, once there is enough to be worth resuming or the attempt
+stops early). Commit fsyncs the file, renames it into place, writes the JSON
+sidecar the same way, and fsyncs the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -32,6 +34,9 @@ _WRITE_BEHIND = 8 << 20
 # machine (Linux 6.18, ext4; dd shows it too). 16 KiB ones, the size curl writes, ran
 # steadily; 64 KiB ones did for a while, then did not. See BENCHMARKS.md.
 _WRITE_MAX = 16 << 10
+# Held bytes worth a note of their validator while the download runs, so that they can be
+# resumed after a crash; fewer are simply fetched again, and most files never need a note.
+_NOTE_FROM = 1 << 20
 # Below this much free space the sink reports itself unavailable and downloads wait.
 _MIN_FREE = 16 << 20
 
@@ -48,6 +53,17 @@ class LocalSink:
         if not path.resolve().is_relative_to(self.root):
             raise SinkError(key, f"storage key {key!r} leaves the storage directory", retry=False)
         return path
+
+    def directory(self, stem: str) -> Path:
+        """The directory `stem` (a key without its extension) is written in, checked as `path`
+        checks a key. A writer's files are all named within it, so none needs that check again:
+        key parts hold no `/` or `..`, renames replace a link rather than follow it, and the
+        .part file is opened without following one."""
+        parts = key_parts(stem)
+        folder = self.root.joinpath(*parts[:-1])
+        if not folder.resolve().is_relative_to(self.root):
+            raise SinkError(stem, f"storage key {stem!r} leaves the storage directory", retry=False)
+        return folder
 
     def location(self, key: str) -> str:
         return str(self.path(key))
@@ -71,28 +87,30 @@ class LocalSink:
 
     def open(self, stem: str) -> LocalWriter:
         """A writer for the key `stem` + extension, holding an earlier attempt's bytes."""
-        return LocalWriter(self, self.path(stem))
+        return LocalWriter(self.directory(stem), stem)
 
 
 class LocalWriter:
     """One download's bytes on their way into the sink."""
 
-    def __init__(self, sink: LocalSink, stem: Path) -> None:
-        self._sink = sink
-        self._part = stem.with_name(f".{stem.name}.part")
-        self._meta = stem.with_name(f".{stem.name}.part.json")
+    def __init__(self, folder: Path, stem: str) -> None:
+        self._folder = folder
+        self._prefix, _, name = stem.rpartition("/")
+        self._part = folder / f".{name}.part"
+        self._meta = folder / f".{name}.part.json"
         try:
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self._part, os.O_RDWR | os.O_CREAT, 0o644)
+            folder.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self._part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
                 # Leases keep one worker per asset; this lock makes sure of it on the disk.
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(self._fd)
                 raise SinkError(
-                    str(stem), f"another download is writing {self._part}", retry=True
+                    str(folder / name), f"another download is writing {self._part}", retry=True
                 ) from None
             self._validator = _held_validator(self._meta)
+            self._noted = self._validator is not None  # the note on disk says so already
             self._offset = os.fstat(self._fd).st_size if self._validator else 0
             os.ftruncate(self._fd, self._offset)
             os.lseek(self._fd, self._offset, os.SEEK_SET)
@@ -133,10 +151,9 @@ class LocalWriter:
             self._offset = 0
             self._unflushed_from = 0
             self._validator = validator
-            if validator is None:
+            if self._noted:
                 self._meta.unlink(missing_ok=True)
-            else:
-                self._meta.write_text(json.dumps({"validator": validator}))
+                self._noted = False
 
     def begin(self, content_type: str | None, final_url: str, size: int | None) -> None:
         """Nothing to prepare: the bytes already go to the hidden .part file."""
@@ -151,6 +168,8 @@ class LocalWriter:
                 written = os.write(self._fd, data[:_WRITE_MAX])
                 data = data[written:]
                 self._offset += written
+            if not self._noted and self._offset >= _NOTE_FROM:
+                self._note()
         if self._offset - self._unflushed_from >= _WRITE_BEHIND:
             _start_writeback(self._fd, self._unflushed_from, self._offset - self._unflushed_from)
             self._unflushed_from = self._offset
@@ -161,7 +180,11 @@ class LocalWriter:
         Everything that can run out of space (the sidecar, both fsyncs) happens before
         the first rename, so a failed commit shows nothing under the final names.
         """
-        final = self._sink.path(key)
+        prefix, _, name = key.rpartition("/")
+        key_parts(key)  # refuses a name a path could misread
+        if prefix != self._prefix:
+            raise ValueError(f"{key!r} is not beside the stem this writer was opened for")
+        final = self._folder / name
         meta_tmp = final.with_name(f".{final.name}.json.tmp")
         try:
             with open(meta_tmp, "w") as out:
@@ -173,16 +196,21 @@ class LocalWriter:
             self._fd = -1
             os.replace(self._part, final)
             os.replace(meta_tmp, final.with_name(final.name + ".json"))
-            self._meta.unlink(missing_ok=True)
-            _fsync_dir(final.parent)
+            if self._noted:
+                self._meta.unlink(missing_ok=True)
+            _fsync_dir(self._folder)
         except OSError as exc:
             meta_tmp.unlink(missing_ok=True)
             raise _write_error(final, exc) from exc
         return str(final)
 
     def close(self) -> None:
-        """Stop writing, keeping the held bytes for a later attempt to resume."""
+        """Stop writing, keeping the held bytes (and a note of their validator) for a later
+        attempt to resume."""
         if self._fd >= 0:
+            if not self._noted and self._offset:
+                with contextlib.suppress(SinkError):  # without a note, the next try starts over
+                    self._note()
             os.close(self._fd)
             self._fd = -1
 
@@ -191,6 +219,13 @@ class LocalWriter:
         self.close()
         self._part.unlink(missing_ok=True)
         self._meta.unlink(missing_ok=True)
+
+    def _note(self) -> None:
+        """Write down the held bytes' validator beside them (none: nothing to resume)."""
+        if self._validator is not None:
+            with self._errors():
+                self._meta.write_text(json.dumps({"validator": self._validator}))
+            self._noted = True
 
     @contextmanager
     def _errors(self) -> Iterator[None]:

@@ -40,15 +40,40 @@ def test_nothing_is_visible_under_the_final_name_before_commit(sink: LocalSink) 
     writer = sink.open("videos/t/0")
     writer.restart('"v1"')
     writer.write(view(DATA))
+    assert files(sink.root) == {"videos/t/.0.part"}  # too few bytes to be worth a note
+    writer.write(view(bytes(1 << 20)))
     assert files(sink.root) == {"videos/t/.0.part", "videos/t/.0.part.json"}
     location = writer.commit("videos/t/0.mp4", {"sha256": "abc", "size": len(DATA)})
     assert location == str(sink.root / "videos/t/0.mp4")
     assert files(sink.root) == {"videos/t/0.mp4", "videos/t/0.mp4.json"}
-    assert Path(location).read_bytes() == DATA
+    assert Path(location).read_bytes() == DATA + bytes(1 << 20)
     sidecar = json.loads((sink.root / "videos/t/0.mp4.json").read_text())
     assert sidecar == {"sha256": "abc", "size": len(DATA)}
     writer.discard()
     assert files(sink.root) == {"videos/t/0.mp4", "videos/t/0.mp4.json"}
+
+
+def test_a_commit_stays_beside_its_stem(sink: LocalSink) -> None:
+    """A writer commits only under its stem's directory, and only a safe name."""
+    writer = sink.open("videos/t/0")
+    writer.write(view(DATA))
+    with pytest.raises(ValueError, match="not beside"):
+        writer.commit("videos/u/0.mp4", {})
+    with pytest.raises(SinkError, match="unsafe"):
+        writer.commit("videos/t/..", {})
+    assert files(sink.root) == {"videos/t/.0.part"}
+    writer.discard()
+
+
+def test_a_link_in_place_of_the_part_file_is_not_followed(sink: LocalSink, tmp_path: Path) -> None:
+    """A .part planted as a symbolic link to a file elsewhere is refused, not written through."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep")
+    (sink.root / "videos/t").mkdir(parents=True)
+    (sink.root / "videos/t/.0.part").symlink_to(outside)
+    with pytest.raises(SinkError):
+        sink.open("videos/t/0")
+    assert outside.read_bytes() == b"keep"
 
 
 def test_commit_replaces_an_earlier_copy(sink: LocalSink) -> None:
@@ -160,16 +185,23 @@ def test_a_torn_note_starts_over(sink: LocalSink, note: str) -> None:
 
 
 def test_restart_drops_the_held_bytes(sink: LocalSink) -> None:
-    """restart empties the .part and notes the new validator, or removes the note for none."""
+    """restart empties the .part and drops its note; the new validator is noted once the bytes
+    are worth resuming, or when the writer stops with them."""
+    note = sink.root / "videos/t/.0.part.json"
     writer = sink.open("videos/t/0")
     writer.restart('"v1"')
-    writer.write(view(DATA))
+    writer.write(view(bytes(1 << 20)))
+    assert json.loads(note.read_text()) == {"validator": '"v1"'}
     writer.restart('"v2"')
     assert (writer.offset, writer.validator) == (0, '"v2"')
-    assert json.loads((sink.root / "videos/t/.0.part.json").read_text()) == {"validator": '"v2"'}
+    assert not note.exists()
     writer.write(view(b"fresh"))
+    writer.close()
+    assert json.loads(note.read_text()) == {"validator": '"v2"'}
+    writer = sink.open("videos/t/0")
+    assert (writer.offset, writer.validator) == (5, '"v2"')
     writer.restart(None)
-    assert not (sink.root / "videos/t/.0.part.json").exists()
+    assert not note.exists()
     writer.write(view(b"new"))
     assert Path(writer.commit("videos/t/0.bin", {})).read_bytes() == b"new"
 
