@@ -68,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     facts = [*machine_facts(), ("code", code_version())]
     load_before = load()
     reports: list[Report] = []
+    selected = options.names or list(benchmarks)
     try:
-        for name in options.names or list(benchmarks):
+        # Whatever one of them lacks (PostgreSQL) is said at once, not after the others ran.
+        for name in selected:
+            preflight = getattr(benchmarks[name], "preflight", None)
+            if preflight is not None:
+                preflight(options)
+        for name in selected:
             print(f"bench: running {name}", file=sys.stderr, flush=True)
             reports.append(benchmarks[name].run(options))
     except BenchError as exc:

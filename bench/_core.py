@@ -76,7 +76,11 @@ class Report:
 
 
 class Benchmark(Protocol):
-    """A module in `bench/` whose name does not start with `_`."""
+    """A module in `bench/` whose name does not start with `_`.
+
+    It may also define `preflight(options) -> None`, raising BenchError when something it
+    needs is missing: `python -m bench` calls every selected one's before running any.
+    """
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
         """Declare this benchmark's own options (prefixed with its name when they could clash)."""

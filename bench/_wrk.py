@@ -13,6 +13,7 @@ import os
 import resource
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,21 @@ __all__ = ["DONE_LUA", "Result", "ensure_installed", "run", "version"]
 _MARK = "WRK_RESULT "
 
 # Appended to a script: threads are kept as setup() sees them (setup also numbers them, as the
-# global `thread_number`, 0-based) and done() prints one JSON line. A thread's `report` global,
-# a table of numbers, is read back per thread.
+# global `thread_number`, 0-based, and sends thread n to the n-th of WRK_TARGETS, round robin,
+# when `run` is given targets) and done() prints one JSON line. A thread's `report` global, a
+# table of numbers, is read back per thread.
 DONE_LUA = r"""
 local _threads = {}
+local _targets = {}
+for target in (os.getenv("WRK_TARGETS") or ""):gmatch("[^,]+") do
+  local host, port = target:match("^(.*):(%d+)$")
+  table.insert(_targets, wrk.lookup(host, port)[1])
+end
 
 function setup(thread)
+  if #_targets > 0 then
+    thread.addr = _targets[#_threads % #_targets + 1]
+  end
   thread:set("thread_number", #_threads)
   table.insert(_threads, thread)
 end
@@ -111,8 +121,14 @@ def run(
     threads: int,
     args: list[str] | None = None,
     timeout_seconds: float = 10.0,
+    targets: Sequence[str] = (),
 ) -> Result:
-    """Run wrk against `url` with `script` for `seconds`; its JSON line, parsed."""
+    """Run wrk against `url` with `script` for `seconds`; its JSON line, parsed.
+
+    With `targets` ("127.0.0.1:PORT", ...), thread n connects to targets[n % len(targets)]
+    instead of `url`'s address (which still gives the Host header): one wrk, one latency
+    histogram, the load split over several servers.
+    """
     command = [
         binary,
         f"--threads={threads}",
@@ -125,6 +141,7 @@ def run(
     if args:
         command += ["--", *args]
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env["WRK_TARGETS"] = ",".join(targets)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         done = subprocess.run(
