@@ -1,21 +1,22 @@
 """The burst's subject: a real `kling-receiver serve` taking N succeed callbacks at once.
 
 `run_service` starts the service on a free port of 127.0.0.1 with a fresh data
-directory, delivers every callback (`bench._burst_send`: `connections` at a
-time, as fast as they are answered or spread over `window` seconds), waits until the
-ledger says every task is archived, reads the process's peak RSS, stops it and
-checks what it stored: every task archived, one stored asset per task with
-the source's sha256 and size, and exactly N files (plus their sidecars) on disk.
+directory (and, given a PostgreSQL, a fresh database on it), delivers every callback
+(`bench._burst_send`: `connections` at a time, as fast as they are answered or spread
+over `window` seconds), waits until the ledger says every task is archived, reads the
+processes' peak RSS, stops them and checks what was stored: every task archived, one
+stored asset per task with the source's sha256 and size, and exactly N files (plus
+their sidecars) on disk. With `workers`, the service downloads nothing
+(DOWNLOAD_CONCURRENCY=0) and that many `kling-receiver worker` processes, started
+before the burst, share the downloads.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
 import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -28,52 +29,21 @@ from pathlib import Path
 import httpx
 
 from bench._burst_send import Answer, post_all
+from bench._burst_tasks import ACTION, Task
 from bench._core import BenchError
+from bench._ledger_read import Reader, reading, sqlite_url
+from bench._postgres import Postgres
 from bench._proc import status_kib
 from receiver import tokens
 from receiver.settings import Settings
 
-__all__ = ["Asset", "ServiceRun", "Task", "run_service"]
+__all__ = ["ServiceRun", "run_service"]
 
-ACTION = "images/generations"
 _ROOT = Path(__file__).resolve().parent.parent  # where `python -m receiver` finds its code
 _STALL_SECONDS = 300.0  # no task archived for this long: the run is stuck
+_TICK = os.sysconf("SC_CLK_TCK")
 
-
-@dataclass(frozen=True, slots=True)
-class Asset:
-    """One served file: its URL path under nginx's root, size and sha256."""
-
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True, slots=True)
-class Task:
-    """One task of the burst and the one image its succeed callback names."""
-
-    task_id: str
-    external_task_id: str
-    url: str
-    asset: Asset
-
-    @property
-    def key(self) -> str:
-        """Where the service stores the image: `action/task_id/index.ext`."""
-        return f"{ACTION}/{self.task_id}/0.png"
-
-    def body(self, now_ms: int) -> bytes:
-        """The succeed callback Kling would send, as bytes."""
-        data = {
-            "task_id": self.task_id,
-            "task_status": "succeed",
-            "task_status_msg": "",
-            "created_at": now_ms - 30_000,
-            "updated_at": now_ms,
-            "task_info": {"external_task_id": self.external_task_id},
-            "task_result": {"images": [{"index": 0, "url": self.url}]},
-        }
-        return json.dumps(data).encode()
+Popen = subprocess.Popen[bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +60,10 @@ class ServiceRun:
     peak_reset: bool  # whether VmHWM could be reset to VmRSS before the burst
     attempts: int  # download attempts over all assets (N when none was retried)
     log_lines: int
+    cpu_seconds: float  # the service's user + system time during the burst
+    worker_cpu_seconds: float = 0.0  # the worker processes', summed
+    database_cpu_seconds: float | None = None  # PostgreSQL's (postmaster and backends)
+    worker_peak_rss_mib: float | None = None  # the largest worker's VmHWM at the end
 
 
 def _free_port() -> int:
@@ -109,19 +83,36 @@ def _reset_peak(pid: int) -> bool:
     return True
 
 
-class _Service:
-    """`python -m receiver serve` on a free loopback port, logging to a file."""
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
 
-    def __init__(self, data_dir: Path, concurrency: int) -> None:
+
+def _stop(process: Popen | None) -> None:
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class _Service:
+    """`python -m receiver serve` on a free loopback port, and its workers, logging to files."""
+
+    def __init__(self, data_dir: Path, database_url: str, concurrency: int) -> None:
         self.data_dir = data_dir
+        self.database_url = database_url
         self.concurrency = concurrency
         self.secret = secrets.token_urlsafe(24)
         self.admin_token = secrets.token_urlsafe(24)
         self.log_path = data_dir.parent / "service.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Popen | None = None
+        self.workers: list[Popen] = []
         self.base_url = ""
 
-    def _environ(self, port: int) -> dict[str, str]:
+    def _environ(self, port: int, concurrency: int) -> dict[str, str]:
         # Nothing the service reads may come from the bench's own environment (a KLING_API_KEY
         # would turn polling and verification on, a STORAGE_URL send files elsewhere).
         own = {name.upper() for name in Settings.model_fields}
@@ -136,34 +127,59 @@ class _Service:
             "HOST": "127.0.0.1",
             "PORT": str(port),
             "DATA_DIR": str(self.data_dir),
+            "DATABASE_URL": self.database_url,
             "STORAGE_URL": str(self.data_dir / "assets"),
             "CALLBACK_SECRET": self.secret,
             "ADMIN_TOKEN": self.admin_token,
-            "DOWNLOAD_CONCURRENCY": str(self.concurrency),
+            "DOWNLOAD_CONCURRENCY": str(concurrency),
             "ALLOW_PRIVATE_DOWNLOADS": "true",
             "LOG_LEVEL": "INFO",
         }
+
+    def _spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> tuple[Popen, int]:
+        with open(log_path, "ab") as log:
+            offset = log.tell()
+            process = subprocess.Popen(
+                [sys.executable, "-m", "receiver", *argv],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir.parent,  # no .env of the checkout is read
+            )
+        return process, offset
 
     def start(self) -> None:
         for _ in range(3):  # another process may take the free port first
             port = _free_port()
             self.base_url = f"http://127.0.0.1:{port}"
-            with open(self.log_path, "ab") as log:
-                offset = log.tell()
-                self.process = subprocess.Popen(
-                    [sys.executable, "-m", "receiver", "serve"],
-                    env=self._environ(port),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.data_dir.parent,  # no .env of the checkout is read
-                )
+            env = self._environ(port, self.concurrency)
+            self.process, offset = self._spawn(["serve"], env, self.log_path)
             if self._wait_ready(offset):
                 return
-            self.stop()
+            _stop(self.process)
+            self.process = None
             if "address already in use" not in self.log()[offset:].lower():
                 raise BenchError(f"the service did not become ready:\n{self.log()[-2000:]}")
         raise BenchError("the service found no free port on 127.0.0.1 in three tries")
+
+    def start_workers(self, count: int, concurrency: int) -> None:
+        """`count` worker processes, each `--concurrency concurrency`, ready to claim."""
+        env = self._environ(0, 0)
+        started = []
+        for number in range(count):
+            log_path = self.data_dir.parent / f"worker-{number}.log"
+            argv = ["worker", "--concurrency", str(concurrency)]
+            process, offset = self._spawn(argv, env, log_path)
+            self.workers.append(process)
+            started.append((process, log_path, offset))
+        deadline = time.monotonic() + 30
+        for process, log_path, offset in started:
+            while '"workers started"' not in log_path.read_text(errors="replace")[offset:]:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    tail = log_path.read_text(errors="replace")[-2000:]
+                    raise BenchError(f"a worker did not start ({process.returncode}):\n{tail}")
+                time.sleep(0.05)
 
     def _wait_ready(self, offset: int) -> bool:
         assert self.process is not None
@@ -186,18 +202,20 @@ class _Service:
         assert self.process is not None
         return self.process.pid
 
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    def alive(self) -> str | None:
+        """None while the service and every worker run; else the log of the one that ended."""
+        if self.process is None or self.process.poll() is not None:
+            return self.log()
+        for number, worker in enumerate(self.workers):
+            if worker.poll() is not None:
+                return (self.data_dir.parent / f"worker-{number}.log").read_text(errors="replace")
+        return None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        for process in [*self.workers, self.process]:
+            _stop(process)
         self.process = None
+        self.workers = []
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -239,62 +257,51 @@ def _outcome(answer: Answer) -> object:
     return data.get("outcome") if isinstance(data, dict) else None
 
 
-def _read_only(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    conn.execute("PRAGMA busy_timeout = 30000")
-    return conn
+def _archived(query: Reader) -> int:
+    ((count,),) = query("SELECT count(*) FROM tasks WHERE archived_at IS NOT NULL")
+    return int(count)
 
 
-def _archived(db: Path) -> int:
-    conn = _read_only(db)
-    try:
-        row = conn.execute("SELECT count(*) FROM tasks WHERE archived_at IS NOT NULL").fetchone()
-        return int(row[0])
-    finally:
-        conn.close()
-
-
-def _wait_archived(service: _Service, db: Path, count: int, timeout: float) -> None:
-    """Poll the ledger (read-only) until `count` tasks are archived."""
+def _wait_archived(service: _Service, count: int, timeout: float) -> None:
+    """Poll the ledger until `count` tasks are archived."""
     deadline = time.monotonic() + timeout
     last, last_change = -1, time.monotonic()
-    while True:
-        done = _archived(db)
-        now = time.monotonic()
-        if done >= count:
-            return
-        if done != last:
-            last, last_change = done, now
-        if not service.alive():
-            raise BenchError(f"the service exited during the burst:\n{service.log()[-2000:]}")
-        if now > deadline or now - last_change > _STALL_SECONDS:
-            raise BenchError(
-                f"{done} of {count} tasks archived after {timeout:.0f} s (or none for "
-                f"{_STALL_SECONDS:.0f} s); service log:\n{service.log()[-2000:]}"
-            )
-        time.sleep(0.2)
+    with reading(service.database_url) as query:
+        while True:
+            done = _archived(query)
+            now = time.monotonic()
+            if done >= count:
+                return
+            if done != last:
+                last, last_change = done, now
+            ended = service.alive()
+            if ended is not None:
+                raise BenchError(f"a process exited during the burst:\n{ended[-2000:]}")
+            if now > deadline or now - last_change > _STALL_SECONDS:
+                raise BenchError(
+                    f"{done} of {count} tasks archived after {timeout:.0f} s (or none for "
+                    f"{_STALL_SECONDS:.0f} s); service log:\n{service.log()[-2000:]}"
+                )
+            time.sleep(0.2)
 
 
 def _seconds_since(wall_started: float, iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() - wall_started
 
 
-def _verify(db: Path, root: Path, tasks: Sequence[Task]) -> tuple[str, int]:
+def _verify(database_url: str, root: Path, tasks: Sequence[Task]) -> tuple[str, int]:
     """Every task archived with its one asset stored as served; N files on disk, no leftovers.
 
     Returns the last archived_at and the download attempts over all assets.
     """
     expected = {task.task_id: task for task in tasks}
     root = root.resolve()  # as the sink records locations
-    conn = _read_only(db)
-    try:
-        rows = conn.execute(
+    with reading(database_url) as query:
+        rows = query(
             """SELECT tasks.task_id, tasks.archived_at, assets.state, assets.sha256, assets.size,
                       assets.attempts, assets.location
                FROM tasks LEFT JOIN assets ON assets.task_pk = tasks.id"""
-        ).fetchall()
-    finally:
-        conn.close()
+        )
     problems: list[str] = []
     if len(rows) != len(expected) or {row[0] for row in rows} != set(expected):
         problems.append(f"the ledger holds {len(rows)} task/asset rows, not one per task")
@@ -341,24 +348,44 @@ def run_service(
     connections: int,
     window: float,
     timeout: float,
+    postgres: Postgres | None = None,
+    workers: int = 0,
 ) -> ServiceRun:
-    """Start a fresh service in `scratch`, burst every task's succeed callback at it, check it."""
+    """Start a fresh service in `scratch`, burst every task's succeed callback at it, check it.
+
+    Its ledger is SQLite in its data directory, or a new database on `postgres` (dropped at
+    the end). With `workers`, the service downloads nothing and `workers` processes of
+    `download_concurrency` downloads each do.
+    """
     data = scratch / "data"
-    service = _Service(data, download_concurrency)
-    db = data / "kling-receiver.db"
+    if postgres is None:
+        database_url = sqlite_url(data.resolve() / "kling-receiver.db")
+    else:
+        database_url = postgres.create_database()
+    service = _Service(data, database_url, 0 if workers else download_concurrency)
     try:
         service.start()
+        if workers:
+            service.start_workers(workers, download_concurrency)
         now_ms = int(time.time() * 1000)
         deliveries = [(service.callback_path(task), task.body(now_ms)) for task in tasks]
+        pids = [service.pid, *(worker.pid for worker in service.workers)]
         rss_before = status_kib("VmRSS", service.pid)
-        reset = _reset_peak(service.pid)
+        reset = all([_reset_peak(pid) for pid in pids])
+        cpu_before = [_cpu_seconds(pid) for pid in pids]
+        database_before = postgres.cpu_seconds() if postgres is not None else 0.0
         delivered = _deliver(service.base_url, deliveries, connections, window)
-        _wait_archived(service, db, len(tasks), timeout)
+        _wait_archived(service, len(tasks), timeout)
+        cpu = [_cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
+        database_cpu = postgres.cpu_seconds() - database_before if postgres is not None else None
         peak = status_kib("VmHWM", service.pid)
+        worker_peaks = [status_kib("VmHWM", worker.pid) for worker in service.workers]
         service.stop()
-        last_archived, attempts = _verify(db, data / "assets", tasks)
+        last_archived, attempts = _verify(database_url, data / "assets", tasks)
     finally:
         service.stop()
+        if postgres is not None:
+            postgres.drop_database(database_url)
     latencies = sorted(delivered.latencies)
     log_lines = service.log().count("\n")
     return ServiceRun(
@@ -372,4 +399,8 @@ def run_service(
         peak_reset=reset,
         attempts=attempts,
         log_lines=log_lines,
+        cpu_seconds=cpu[0],
+        worker_cpu_seconds=sum(cpu[1:]),
+        database_cpu_seconds=database_cpu,
+        worker_peak_rss_mib=max(worker_peaks) / 1024 if worker_peaks else None,
     )

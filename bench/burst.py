@@ -15,6 +15,8 @@ to round:
   callback sent to the last `archived_at` the ledger records;
   its peak RSS is read from /proc at the end, and everything it stored is
   checked (every task archived, N files with the served bytes, no leftovers);
+- unless `--no-burst-postgres`, the same service with its ledger on PostgreSQL
+  (`bench._postgres`: one server for the run, a fresh database each run);
 - for reference, the plain downloader storing each file as durably as the
   service's commit does (.part, fsync, rename, fsynced JSON sidecar, directory
   fsync): what is left of the gap is the ledger's and the callbacks' share.
@@ -25,7 +27,6 @@ Outputs are deleted and the disk synced between runs; the page cache is left alo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -35,23 +36,25 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench._burst_service import ACTION, Asset, ServiceRun, Task, run_service
+from bench import _postgres
+from bench._burst_service import ServiceRun, run_service
+from bench._burst_tasks import ACTION, Task, make_tasks
 from bench._core import BenchError, Report, Role, Row, paired_ratio, shuffled_rounds
 from bench._machine import filesystem
 from bench._nginx import serving
 from bench._proc import fresh_dir
-from tests.media_server import STARTS
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "preflight", "run"]
 
 _KIB = 1 << 10
 _MIB = 1 << 20
-_MIN_SIZE = 20 * _KIB
-_MAX_SIZE = 100 * _KIB
 _MINUTE = 60.0
+_NO_POSTGRES = "--no-burst-postgres"
+_COMMITTED = "plain downloader, stored as the service commits"
 _ROOT = Path(__file__).resolve().parent.parent  # where `python -m bench._burst_fetch` runs
 
 
@@ -122,40 +125,19 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="skip the plain downloader with the service's commit",
     )
+    group.add_argument(
+        "--burst-postgres",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the service with its ledger on PostgreSQL (default: on; needs Debian's "
+        "postgresql server binaries)",
+    )
 
 
-def _make_assets(folder: Path, files: int, rng: random.Random) -> list[tuple[str, Asset]]:
-    """Images of random sizes, a PNG's start then random bytes, fsynced; their names and what
-    they hold."""
-    folder.mkdir(parents=True)
-    made = []
-    for number in range(files):
-        data = STARTS["png"] + os.urandom(rng.randint(_MIN_SIZE, _MAX_SIZE) - len(STARTS["png"]))
-        name = f"{number:04d}.png"
-        (folder / name).write_bytes(data)
-        made.append((name, Asset(len(data), hashlib.sha256(data).hexdigest())))
-    os.sync()
-    return made
-
-
-def _make_tasks(www: Path, base_url: str, count: int, rng: random.Random, files: int) -> list[Task]:
-    """One task per hard link www/t/<n>.png to one of the sources: one URL per task."""
-    sources = _make_assets(www / "src", files, rng)
-    links = www / "t"
-    links.mkdir()
-    tasks = []
-    for number in range(count):
-        name, asset = sources[number % len(sources)]
-        os.link(www / "src" / name, links / f"{number:06d}.png")
-        tasks.append(
-            Task(
-                task_id=f"burst{number:06d}",
-                external_task_id=f"bx{number:06d}",
-                url=f"{base_url}/t/{number:06d}.png",
-                asset=asset,
-            )
-        )
-    return tasks
+def preflight(options: argparse.Namespace) -> None:
+    """Fail before any benchmark runs when PostgreSQL is wanted and not installed."""
+    if options.burst_postgres:
+        _postgres.require(_NO_POSTGRES)
 
 
 def _no_proxy_env() -> dict[str, str]:
@@ -196,7 +178,9 @@ def _check_plain(out: Path, tasks: list[Task], commit: bool) -> None:
             raise BenchError(f"the plain downloader left no sidecar beside {path}")
 
 
-def _service(tasks: list[Task], options: argparse.Namespace) -> Callable[[Path], _Sample]:
+def _service(
+    tasks: list[Task], options: argparse.Namespace, postgres: _postgres.Postgres | None = None
+) -> Callable[[Path], _Sample]:
     def measure(scratch: Path) -> _Sample:
         done = run_service(
             scratch,
@@ -205,13 +189,16 @@ def _service(tasks: list[Task], options: argparse.Namespace) -> Callable[[Path],
             connections=options.burst_connections,
             window=options.burst_window,
             timeout=options.burst_timeout,
+            postgres=postgres,
         )
         return _Sample(done.archive_seconds, len(tasks), done, done.rss_growth_mib)
 
     return measure
 
 
-def _subjects(tasks: list[Task], options: argparse.Namespace) -> list[_Subject]:
+def _subjects(
+    tasks: list[Task], options: argparse.Namespace, postgres: _postgres.Postgres | None
+) -> list[_Subject]:
     threads = options.burst_download_concurrency
     subjects = [
         _Subject(
@@ -227,10 +214,19 @@ def _subjects(tasks: list[Task], options: argparse.Namespace) -> list[_Subject]:
             _service(tasks, options),
         ),
     ]
+    if postgres is not None:
+        subjects.append(
+            _Subject(
+                f"service on PostgreSQL: {len(tasks)} succeed callbacks -> all archived",
+                Role.subject,
+                "tasks/s",
+                _service(tasks, options, postgres),
+            )
+        )
     if not options.burst_no_reference:
         subjects.append(
             _Subject(
-                "plain downloader, stored as the service commits",
+                _COMMITTED,
                 Role.reference,
                 "files/s",
                 _plain(tasks, threads, commit=True),
@@ -273,27 +269,34 @@ def run(options: argparse.Namespace) -> Report:
     # nginx runs with 64 worker_connections; the downloads must not use them all up.
     if options.burst_connections < 1 or not 1 <= options.burst_download_concurrency <= 32:
         raise BenchError("--burst-connections must be positive, --burst-download-concurrency 1-32")
+    bindir = _postgres.require(_NO_POSTGRES) if options.burst_postgres else None
     seed = options.burst_seed if options.burst_seed is not None else random.randrange(1 << 16)
     scratch = Path(tempfile.mkdtemp(prefix="kling-bench-burst-", dir=options.dir))
+    postgres = None
     try:
         www = scratch / "www"
         www.mkdir()
-        with serving(www) as nginx:
+        with serving(www) as nginx, ExitStack() as stack:
+            if bindir is not None:
+                postgres = stack.enter_context(_postgres.serving(options.dir, bindir))
             print(
                 f"bench: burst: making {options.burst_tasks} tasks over "
                 f"{options.burst_files} files",
                 file=sys.stderr,
                 flush=True,
             )
-            tasks = _make_tasks(
+            tasks = make_tasks(
                 www, nginx.base_url, options.burst_tasks, random.Random(seed), options.burst_files
             )
-            subjects = _subjects(tasks, options)
+            subjects = _subjects(tasks, options, postgres)
             samples = _measure(subjects, scratch, options.rounds, seed)
         disk = filesystem(scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return _report(options, seed, subjects, samples, tasks, nginx.version, nginx.base_url, disk)
+    database = postgres.version if postgres is not None else None
+    return _report(
+        options, seed, subjects, samples, tasks, (nginx.version, nginx.base_url), disk, database
+    )
 
 
 def _report(
@@ -302,12 +305,13 @@ def _report(
     subjects: list[_Subject],
     samples: dict[str, list[_Sample]],
     tasks: list[Task],
-    nginx_version: str,
-    base_url: str,
+    nginx: tuple[str, str],
     disk: str,
+    database: str | None,
 ) -> Report:
     baseline_subject = next(s for s in subjects if s.role is Role.baseline)
     baseline = [s.per_second for s in samples[baseline_subject.name]]
+    committed = [s.per_second for s in samples.get(_COMMITTED, [])]
     rows: list[Row] = []
     for subject in subjects:
         runs = samples[subject.name]
@@ -323,10 +327,20 @@ def _report(
                 max(growths) if growths else None,
             )
         )
+        services = [s.service for s in runs if s.service is not None]
+        if services and committed:
+            # Each subject runs once a round, so the n-th samples of two subjects share a round.
+            rows.append(
+                Row(
+                    f"  / {_COMMITTED}, same round",
+                    Role.reference,
+                    "x",
+                    tuple(r / c for r, c in zip(rates, committed, strict=True)),
+                )
+            )
         rows.append(
             Row("  the same runs, seconds", Role.reference, "s", tuple(s.seconds for s in runs))
         )
-        services = [s.service for s in runs if s.service is not None]
         if services:
             rows.append(
                 Row(
@@ -344,8 +358,6 @@ def _report(
                     tuple(s.peak_rss_mib for s in services),
                 )
             )
-    service_subject = next(s for s in subjects if s.role is Role.subject)
-    services = [s.service for s in samples[service_subject.name] if s.service is not None]
     sizes = [t.asset.size for t in tasks]
     files = options.burst_files
     pace = (
@@ -353,38 +365,66 @@ def _report(
         if not options.burst_window
         else f"spread evenly over {options.burst_window:g} s"
     )
-    setup = (
+    setup = [
         f"tasks    {len(tasks)} succeed callbacks ({ACTION}), one image each: "
         f"{min(files, len(tasks))} distinct files of random bytes, "
         f"{min(sizes) / _KIB:.0f}-{max(sizes) / _KIB:.0f} KiB, "
         f"{sum(sizes) / _MIB:.1f} MiB in all; one URL (hard link) per task",
-        f"server   nginx {nginx_version} at {base_url}/t/NNNNNN.png (sendfile on, access_log off)",
+        f"server   nginx {nginx[0]} at {nginx[1]}/t/NNNNNN.png (sendfile on, access_log off)",
         f"service  python -m receiver serve, DOWNLOAD_CONCURRENCY="
         f"{options.burst_download_concurrency}, LOG_LEVEL=INFO, local storage, fresh data "
-        "directory each round",
+        "directory each round, its SQLite ledger in it",
+    ]
+    if database is not None:
+        setup.append(
+            f"postgres the same with DATABASE_URL on {database} at 127.0.0.1 (tests/pg_server.py:"
+            " Debian's binaries), one server for the run, fsync and synchronous_commit on,"
+            " settings otherwise default; a fresh database each round, dropped after it"
+        )
+    setup += [
         f"sender   bench._burst_send (asyncio streams, HTTP/1.1 keep-alive) in the bench "
         f"process, {options.burst_connections} connections, {pace}",
-        f"disk     scratch, sources, ledger and outputs on {disk}",
+        f"disk     scratch, sources, ledger, PostgreSQL's cluster and outputs on {disk}",
         f"rounds   {options.rounds}, subject order shuffled each round (--burst-seed {seed})",
         "between  outputs deleted, then sync; caches not dropped",
         "ratio    median over rounds of (row files or tasks per s / baseline files per s in the "
         "same round) = baseline seconds / row seconds",
-    )
-    return Report("burst", setup, tuple(rows), (), tuple(_notes(services, len(tasks), options)))
-
-
-def _notes(services: list[ServiceRun], count: int, options: argparse.Namespace) -> list[str]:
-    deliver = statistics.median(s.deliver_seconds for s in services)
-    before = statistics.median(s.rss_before_mib for s in services)
-    slowest = max(s.deliver_seconds for s in services)
+    ]
+    if committed:
+        setup.append(
+            f"         '/ {_COMMITTED}' rows: per round, the service's tasks/s / that "
+            "reference's files/s in the same round; median in the median column"
+        )
     notes = [
         "the issue sets no goal for the burst: the figures are reported, not judged.",
         "service seconds run from the first callback sent to the last archived_at the ledger "
         "records (millisecond times), so they include taking every callback; the plain "
         "downloader's run from its first request to its last fsync. Neither counts its process "
         "start.",
-        f"callbacks: {count} answered in a median {deliver:.2f} s ({count / deliver:.0f}/s, "
-        f"slowest round {slowest:.2f} s), latency median "
+    ]
+    for subject in subjects:
+        services = [s.service for s in samples[subject.name] if s.service is not None]
+        if services:
+            label = "on PostgreSQL" if "PostgreSQL" in subject.name else "on SQLite"
+            notes += _notes(label, services, len(tasks), options)
+    notes.append(
+        "the sender and nginx share the machine's CPUs with the service during its runs; the "
+        "plain downloader runs alone."
+    )
+    return Report("burst", tuple(setup), tuple(rows), (), tuple(notes))
+
+
+def _notes(
+    label: str, services: list[ServiceRun], count: int, options: argparse.Namespace
+) -> list[str]:
+    deliver = statistics.median(s.deliver_seconds for s in services)
+    before = statistics.median(s.rss_before_mib for s in services)
+    slowest = max(s.deliver_seconds for s in services)
+    cpu = statistics.median(s.cpu_seconds for s in services)
+    database = [s.database_cpu_seconds for s in services if s.database_cpu_seconds is not None]
+    notes = [
+        f"{label}, callbacks: {count} answered in a median {deliver:.2f} s "
+        f"({count / deliver:.0f}/s, slowest round {slowest:.2f} s), latency median "
         f"{statistics.median(s.latency_ms_median for s in services):.1f} ms, p99 "
         f"{statistics.median(s.latency_ms_p99 for s in services):.1f} ms (medians over rounds)"
         + (
@@ -392,17 +432,23 @@ def _notes(services: list[ServiceRun], count: int, options: argparse.Namespace) 
             if slowest > _MINUTE and not options.burst_window
             else "."
         ),
-        "peak RSS: the service's VmHWM when every task is archived; growth is that minus its "
-        f"VmRSS once ready, before the burst (median {before:.1f} MiB)"
+        f"{label}, CPU from the first callback to the last archive (medians): the service "
+        f"{cpu:.1f} s ({cpu / count * 1e3:.2f} ms a task)"
+        + (
+            f", PostgreSQL {statistics.median(database):.1f} s "
+            f"({statistics.median(database) / count * 1e3:.2f} ms a task)."
+            if database
+            else "."
+        ),
+        f"{label}, peak RSS: the service's VmHWM when every task is archived; growth is that "
+        f"minus its VmRSS once ready, before the burst (median {before:.1f} MiB)"
         + (
             ", VmHWM having been reset to VmRSS then (clear_refs)."
             if all(s.peak_reset for s in services)
             else "; VmHWM could not be reset, so start-up's peak may be counted."
         ),
-        f"checked each round: {count} tasks archived, one asset each stored with the served "
-        f"sha256 and size, {count} files + {count} sidecars on disk and nothing else; download "
-        f"attempts {', '.join(str(s.attempts) for s in services)} (of {count} assets).",
-        "the sender and nginx share the machine's CPUs with the service during its runs; the "
-        "plain downloader runs alone.",
+        f"{label}, checked each round: {count} tasks archived, one asset each stored with the "
+        f"served sha256 and size, {count} files + {count} sidecars on disk and nothing else; "
+        f"download attempts {', '.join(str(s.attempts) for s in services)} (of {count} assets).",
     ]
     return notes
