@@ -69,12 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load()
     reports: list[Report] = []
     selected = options.names or list(benchmarks)
-    try:
-        # Whatever one of them lacks (PostgreSQL) is said at once, not after the others ran.
-        for name in selected:
-            preflight = getattr(benchmarks[name], "preflight", None)
+    # Whatever any of them lacks (PostgreSQL) is said at once, not after the others ran.
+    missing = []
+    for name in selected:
+        preflight = getattr(benchmarks[name], "preflight", None)
+        try:
             if preflight is not None:
                 preflight(options)
+        except BenchError as exc:
+            missing.append(f"bench: {name}: {exc}")
+    if missing:
+        print("\n".join(missing), file=sys.stderr)
+        return 2
+    try:
         for name in selected:
             print(f"bench: running {name}", file=sys.stderr, flush=True)
             reports.append(benchmarks[name].run(options))

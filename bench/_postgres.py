@@ -29,16 +29,16 @@ __all__ = ["Postgres", "require", "serving"]
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def require(flag: str) -> Path:
-    """The server's bin directory, or a BenchError saying how to install it or what to pass
-    (`flag`, e.g. --no-ingest-postgres) to leave PostgreSQL out."""
+def require(leave_out: str) -> Path:
+    """The server's bin directory, or a BenchError saying how to install it, or how to leave
+    PostgreSQL out (`leave_out`, e.g. "pass --no-ingest-postgres")."""
     try:
         return find_bindir()
     except PostgresError:
         raise BenchError(
             "PostgreSQL's server binaries are missing (no /usr/lib/postgresql/*/bin/initdb): "
             "install them with `apt-get install -y --no-install-recommends postgresql` "
-            f"(scripts/test does), or leave PostgreSQL out with {flag}"
+            f"(scripts/test does), or leave PostgreSQL out: {leave_out}"
         ) from None
 
 

@@ -137,7 +137,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 def preflight(options: argparse.Namespace) -> None:
     """Fail before any benchmark runs when PostgreSQL is wanted and not installed."""
     if options.burst_postgres:
-        _postgres.require(_NO_POSTGRES)
+        _postgres.require(f"pass {_NO_POSTGRES}")
 
 
 def _no_proxy_env() -> dict[str, str]:
@@ -269,7 +269,7 @@ def run(options: argparse.Namespace) -> Report:
     # nginx runs with 64 worker_connections; the downloads must not use them all up.
     if options.burst_connections < 1 or not 1 <= options.burst_download_concurrency <= 32:
         raise BenchError("--burst-connections must be positive, --burst-download-concurrency 1-32")
-    bindir = _postgres.require(_NO_POSTGRES) if options.burst_postgres else None
+    bindir = _postgres.require(f"pass {_NO_POSTGRES}") if options.burst_postgres else None
     seed = options.burst_seed if options.burst_seed is not None else random.randrange(1 << 16)
     scratch = Path(tempfile.mkdtemp(prefix="kling-bench-burst-", dir=options.dir))
     postgres = None

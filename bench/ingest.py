@@ -122,7 +122,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 def preflight(options: argparse.Namespace) -> None:
     """Fail before any benchmark runs when PostgreSQL is wanted and not installed."""
     if options.ingest_postgres:
-        _postgres.require(_NO_POSTGRES)
+        _postgres.require(f"pass {_NO_POSTGRES}")
 
 
 # -- processes -----------------------------------------------------------------
@@ -449,7 +449,7 @@ def run(options: argparse.Namespace) -> Report:
         raise BenchError(
             f"--ingest-threads must be even to split them over 2 receivers (or pass {_NO_POSTGRES})"
         )
-    bindir = _postgres.require(_NO_POSTGRES) if options.ingest_postgres else None
+    bindir = _postgres.require(f"pass {_NO_POSTGRES}") if options.ingest_postgres else None
     binary = _wrk.ensure_installed()
     seed = options.ingest_seed if options.ingest_seed is not None else random.randrange(1 << 16)
     secret, admin_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
