@@ -8,7 +8,9 @@ processes' peak RSS, stops them and checks what was stored: every task archived,
 stored asset per task with the source's sha256 and size, and exactly N files (plus
 their sidecars) on disk. With `workers`, the service downloads nothing
 (DOWNLOAD_CONCURRENCY=0) and that many `kling-receiver worker` processes, started
-before the burst, share the downloads.
+before the burst, share the downloads; with `queue_first` they are held stopped
+(SIGSTOP) until every callback is answered, then released together (SIGCONT) to drain
+the full queue.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class ServiceRun:
     worker_cpu_seconds: float = 0.0  # the worker processes', summed
     database_cpu_seconds: float | None = None  # PostgreSQL's (postmaster and backends)
     worker_peak_rss_mib: float | None = None  # the largest worker's VmHWM at the end
+    drain_seconds: float | None = None  # queue_first: workers released -> last task archived
 
 
 def _free_port() -> int:
@@ -90,6 +93,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def _stop(process: Popen | None) -> None:
     if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGCONT)  # a held worker would leave SIGTERM pending
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=60)
@@ -350,12 +354,14 @@ def run_service(
     timeout: float,
     postgres: Postgres | None = None,
     workers: int = 0,
+    queue_first: bool = False,
 ) -> ServiceRun:
     """Start a fresh service in `scratch`, burst every task's succeed callback at it, check it.
 
     Its ledger is SQLite in its data directory, or a new database on `postgres` (dropped at
     the end). With `workers`, the service downloads nothing and `workers` processes of
-    `download_concurrency` downloads each do.
+    `download_concurrency` downloads each do; with `queue_first`, only once every callback
+    is answered.
     """
     data = scratch / "data"
     if postgres is None:
@@ -367,6 +373,10 @@ def run_service(
         service.start()
         if workers:
             service.start_workers(workers, download_concurrency)
+        if queue_first:
+            # Stopped while idle: they hold no lease, and their connections wait in the pool.
+            for worker in service.workers:
+                worker.send_signal(signal.SIGSTOP)
         now_ms = int(time.time() * 1000)
         deliveries = [(service.callback_path(task), task.body(now_ms)) for task in tasks]
         pids = [service.pid, *(worker.pid for worker in service.workers)]
@@ -375,6 +385,10 @@ def run_service(
         cpu_before = [_cpu_seconds(pid) for pid in pids]
         database_before = postgres.cpu_seconds() if postgres is not None else 0.0
         delivered = _deliver(service.base_url, deliveries, connections, window)
+        released = time.time()
+        if queue_first:
+            for worker in service.workers:
+                worker.send_signal(signal.SIGCONT)
         _wait_archived(service, len(tasks), timeout)
         cpu = [_cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
         database_cpu = postgres.cpu_seconds() - database_before if postgres is not None else None
@@ -403,4 +417,5 @@ def run_service(
         worker_cpu_seconds=sum(cpu[1:]),
         database_cpu_seconds=database_cpu,
         worker_peak_rss_mib=max(worker_peaks) / 1024 if worker_peaks else None,
+        drain_seconds=_seconds_since(released, last_archived) if queue_first else None,
     )

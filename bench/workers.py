@@ -3,9 +3,13 @@
 The burst's setup (`bench._burst_tasks`: nginx on 127.0.0.1 serving small images, one
 URL per task) with the ledger on PostgreSQL (`bench._postgres`, a fresh database each
 run). Each run starts a `kling-receiver serve` that downloads nothing
-(DOWNLOAD_CONCURRENCY=0) and k `kling-receiver worker --concurrency C` processes, which
-wait for work; then every task's succeed callback is sent to the service and the run is
-timed from the first callback to the last `archived_at` the ledger records. Every round
+(DOWNLOAD_CONCURRENCY=0) and k `kling-receiver worker --concurrency C` processes; then
+every task's succeed callback is sent to the service and the run is timed from the first
+callback to the last `archived_at` the ledger records. By default the workers are held
+(SIGSTOP) until every callback is answered, then released together: the queue is full
+when they start, and the drain (release to last `archived_at`) is timed apart, since on
+a small machine taking the callbacks competes with the downloads for the same cores.
+`--no-workers-queue-first` lets them work while the callbacks arrive. Every round
 runs each k once (1, 2 and 4 by default, the first being the baseline the others are
 divided by), in an order shuffled from round to round, and checks what was stored as
 the burst does: every task archived, one asset each with the served sha256 and size,
@@ -102,6 +106,13 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--workers-seed", type=int, help="seed for sizes and subject order (default: random)"
     )
+    group.add_argument(
+        "--workers-queue-first",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="hold the workers until every callback is answered, and time their drain apart "
+        "(default: on; off: they download while the callbacks arrive)",
+    )
 
 
 def preflight(options: argparse.Namespace) -> None:
@@ -171,12 +182,15 @@ def _measure(
                 timeout=options.workers_timeout,
                 postgres=postgres,
                 workers=subject.workers,
+                queue_first=options.workers_queue_first,
             )
         samples[subject.workers].append(done)
+        drain = "" if done.drain_seconds is None else f", drained in {done.drain_seconds:.2f} s"
         print(
             f"bench: workers round {number}/{options.rounds}: {subject.name}: "
             f"{done.archive_seconds:.2f} s, {len(tasks) / done.archive_seconds:.1f} tasks/s "
-            f"(callbacks answered in {done.deliver_seconds:.2f} s), {done.attempts} attempts",
+            f"(callbacks answered in {done.deliver_seconds:.2f} s{drain}), "
+            f"{done.attempts} attempts",
             file=sys.stderr,
             flush=True,
         )
@@ -192,13 +206,28 @@ def _report(
     facts: dict[str, str],
 ) -> Report:
     count = len(tasks)
-    baseline = [count / s.archive_seconds for s in samples[subjects[0].workers]]
+    first_runs = samples[subjects[0].workers]
+    baseline = [count / s.archive_seconds for s in first_runs]
+    drained = [count / s.drain_seconds for s in first_runs if s.drain_seconds]
     rows: list[Row] = []
     for subject in subjects:
         runs = samples[subject.workers]
         rates = [count / s.archive_seconds for s in runs]
+        rows.append(
+            Row(subject.name, subject.role, "tasks/s", tuple(rates), paired_ratio(rates, baseline))
+        )
+        if drained:
+            drains = [count / s.drain_seconds for s in runs if s.drain_seconds]
+            rows.append(
+                Row(
+                    "  the same runs, the drain alone: released -> last archived",
+                    Role.reference,
+                    "tasks/s",
+                    tuple(drains),
+                    paired_ratio(drains, drained),
+                )
+            )
         rows += [
-            Row(subject.name, subject.role, "tasks/s", tuple(rates), paired_ratio(rates, baseline)),
             Row(
                 "  the same runs, seconds",
                 Role.reference,
@@ -220,7 +249,7 @@ def _report(
         ]
     sizes = [t.asset.size for t in tasks]
     first = subjects[0].workers
-    setup = (
+    setup = [
         f"tasks    {count} succeed callbacks ({ACTION}), one image each: "
         f"{min(options.workers_files, count)} distinct files of random bytes, "
         f"{min(sizes) / _KIB:.0f}-{max(sizes) / _KIB:.0f} KiB, {sum(sizes) / _MIB:.1f} MiB "
@@ -229,7 +258,12 @@ def _report(
         "service  python -m receiver serve, DOWNLOAD_CONCURRENCY=0 (it downloads nothing), "
         "LOG_LEVEL=INFO, local storage",
         f"workers  k x python -m receiver worker --concurrency {options.workers_concurrency}, "
-        "the same settings and storage, started and idle before the first callback",
+        "the same settings and storage, started before the first callback"
+        + (
+            "; held (SIGSTOP) until the last callback is answered, then released (SIGCONT)"
+            if options.workers_queue_first
+            else ", downloading while the callbacks arrive"
+        ),
         f"postgres {facts['postgres']} at 127.0.0.1 (tests/pg_server.py: Debian's binaries), one "
         "server for the run, fsync and synchronous_commit on, settings otherwise default; a "
         "fresh database each run, dropped after it",
@@ -240,11 +274,18 @@ def _report(
         "between  outputs deleted, then sync; caches not dropped",
         f"ratio    median over rounds of (row tasks/s / {first} worker(s)' tasks/s in the same "
         "round)",
-    )
-    return Report("workers", setup, tuple(rows), (), tuple(_notes(subjects, samples, count)))
+    ]
+    if drained:
+        setup.append(
+            f"         the drain rows: / {first} worker(s)' drain in the same round, likewise"
+        )
+    notes = _notes(subjects, samples, count, options.workers_queue_first)
+    return Report("workers", tuple(setup), tuple(rows), (), tuple(notes))
 
 
-def _notes(subjects: list[_Subject], samples: dict[int, list[ServiceRun]], count: int) -> list[str]:
+def _notes(
+    subjects: list[_Subject], samples: dict[int, list[ServiceRun]], count: int, held: bool
+) -> list[str]:
     def per_task_ms(values: list[float]) -> str:
         return f"{statistics.median(values) / count * 1e3:.2f}"
 
@@ -268,9 +309,15 @@ def _notes(subjects: list[_Subject], samples: dict[int, list[ServiceRun]], count
     return [
         "the issue sets no goal: the figures are reported, not judged.",
         "seconds run from the first callback sent to the last archived_at the ledger records "
-        "(millisecond times), so they include taking every callback; the workers look for jobs "
-        "every second while idle (the receiver cannot wake them), so a run may start up to a "
-        "second late. Process starts are not counted.",
+        "(millisecond times), so they include taking every callback"
+        + (
+            "; the drain runs from the workers' release, once the last callback was answered, "
+            "to the same last archived_at. Released workers find the queue full at once."
+            if held
+            else "; the workers look for jobs every second while idle (the receiver cannot wake "
+            "them), so a run may start up to a second late."
+        )
+        + " Process starts are not counted.",
         "CPU ms per task from the first callback to the last archive (medians), by worker "
         "count: " + "; ".join(cpu) + ".",
         f"checked each run: {count} tasks archived, one asset each stored with the served "
