@@ -216,7 +216,8 @@ def _setup(
         f" with processing after the end",
         f"         {smallest}-{largest} B (median by status: {medians}); {workload.families};"
         f" pool of {workload.tasks} tasks",
-        f"servers  {_server_stack()}, access log off: the options `serve` uses, for all",
+        f"servers  {_server_stack()}, access log off: the options `serve` uses, for"
+        f" {'all' if database else 'both'}",
         "service  fresh DATA_DIR each round, SQLite WAL synchronous=FULL; DOWNLOAD_CONCURRENCY=0;"
         " no Kling API key (no poller); LOG_LEVEL=INFO: one JSON line per delivery, to a file",
     ]
@@ -233,7 +234,9 @@ def _setup(
             " receiver",
         ]
     setup += [
-        f"disk     scratch, DATA_DIR and the PostgreSQL cluster on {disk}",
+        "disk     scratch"
+        + (", DATA_DIR and the PostgreSQL cluster" if database else " and DATA_DIR")
+        + f" on {disk}",
         f"rounds   {options.rounds}, subject order shuffled each round (--ingest-seed {seed})",
         f"ratio    median over rounds of (subject req/s / {BARE} req/s in the same round)",
     ]

@@ -384,7 +384,8 @@ def _report(
     setup += [
         f"sender   bench._burst_send (asyncio streams, HTTP/1.1 keep-alive) in the bench "
         f"process, {options.burst_connections} connections, {pace}",
-        f"disk     scratch, sources, ledger, PostgreSQL's cluster and outputs on {disk}",
+        f"disk     scratch, sources, ledger{', PostgreSQL cluster' if database else ''} and "
+        f"outputs on {disk}",
         f"rounds   {options.rounds}, subject order shuffled each round (--burst-seed {seed})",
         "between  outputs deleted, then sync; caches not dropped",
         "ratio    median over rounds of (row files or tasks per s / baseline files per s in the "
