@@ -1,6 +1,6 @@
 """Benchmarks for kling-receiver: `python -m bench [NAME ...]` runs them and prints one table.
 
-Each public module here (`download`, later `ingest`, `s3`, `burst`) is a
+Each public module here (`burst`, `download`, `ingest`, `s3`, `workers`) is a
 `Benchmark`: `add_arguments(group)` declares its options and `run(options)`
 returns a `Report` whose rows carry absolute figures and ratios against a
 baseline measured in the same run. Nothing here is a test; nothing asserts
