@@ -63,13 +63,18 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_level)
     if settings.generated_secrets:
-        log.info(
-            "using generated secrets",
-            extra={
-                "names": [name.upper() for name in settings.generated_secrets],
-                "file": str(settings.secrets_path.resolve()),
-            },
-        )
+        extra = {
+            "names": [name.upper() for name in settings.generated_secrets],
+            "file": str(settings.secrets_path.resolve()),
+        }
+        log.info("using generated secrets", extra=extra)
+        if not settings.database_url.startswith("sqlite:"):
+            # A shared database means processes on other machines, with secrets of their own.
+            log.warning(
+                "secrets generated on a shared database: set them on every process, or "
+                "callback URLs made by one are refused by another",
+                extra=extra,
+            )
     server = uvicorn.Server(server_config(create_app(settings), settings))
     # After draining, uvicorn restores the previous handlers and raises the stop signal
     # again; without these, SIGTERM would end a clean shutdown with "killed by SIGTERM".

@@ -110,6 +110,21 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("callback_secret", "admin_token")
+    @classmethod
+    def _not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        """A blank secret would sign callback URLs with no key, or let `Bearer ` in."""
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is set but blank: give it a value, or unset it to have one generated")
+        return value
+
+    @field_validator("kling_api_key", "kling_access_key", "kling_secret_key")
+    @classmethod
+    def _blank_is_unset(cls, value: SecretStr | str | None) -> SecretStr | str | None:
+        """A blank credential (`KLING_API_KEY=` in a compose file) means none, not an empty key."""
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return None if text is None or not text.strip() else value
+
     @field_validator("kling_webhook_secret")
     @classmethod
     def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:

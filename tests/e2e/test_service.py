@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from receiver import tokens
+from tests.pg_server import PostgresServer
 from tests.support import (
     ADMIN_TOKEN,
     CALLBACK_SECRET,
@@ -412,6 +413,18 @@ def test_sigterm_lets_a_request_in_flight_finish_and_exits_zero(service: Service
     assert [e["body"].encode() for e in events] == [content]
 
 
+def test_generated_secrets_on_a_shared_database_are_warned_of(
+    spawn: Callable[..., Service], postgres: PostgresServer
+) -> None:
+    """On PostgreSQL, other machines would generate other secrets: serve says to set them."""
+    service = spawn(secrets_in_env=False, env={"DATABASE_URL": postgres.create_database()})
+    (warning,) = [
+        e for e in service.log_entries() if e["message"].startswith("secrets generated on a shared")
+    ]
+    assert warning["level"] == "warning"
+    assert sorted(warning["names"]) == ["ADMIN_TOKEN", "CALLBACK_SECRET"]
+
+
 def test_generated_secrets_are_kept_private_and_reused(spawn: Callable[..., Service]) -> None:
     """Without secrets in the environment the service makes, keeps and reuses its own."""
     service = spawn(secrets_in_env=False)
@@ -425,6 +438,7 @@ def test_generated_secrets_are_kept_private_and_reused(spawn: Callable[..., Serv
     notes = [e for e in service.log_entries() if e["message"] == "using generated secrets"]
     assert notes and notes[0]["file"] == str(service.secrets_path.resolve())
     assert sorted(notes[0]["names"]) == ["ADMIN_TOKEN", "CALLBACK_SECRET"]
+    assert "secrets generated on a shared database" not in service.log()  # SQLite: one machine
 
     token = {"Authorization": f"Bearer {generated['admin_token']}"}
     wrong = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -277,6 +277,28 @@ def test_half_an_access_key_pair_is_a_config_error(
     assert "half-of-a-pair" not in message
 
 
+@pytest.mark.parametrize("name", ["CALLBACK_SECRET", "ADMIN_TOKEN"])
+@pytest.mark.parametrize("value", ["", "   "])
+def test_a_blank_service_secret_is_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """A blank CALLBACK_SECRET or ADMIN_TOKEN is an error, never an empty key or token."""
+    monkeypatch.setenv(name, value)
+    assert f"{name}: Value error, is set but blank" in config_error()
+
+
+@pytest.mark.parametrize("names", [("KLING_API_KEY",), ("KLING_ACCESS_KEY", "KLING_SECRET_KEY")])
+def test_blank_kling_credentials_count_as_none(
+    monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...]
+) -> None:
+    """KLING_API_KEY= (or a blank access/secret pair) leaves the API unconfigured."""
+    for name in names:
+        monkeypatch.setenv(name, " ")
+    settings = load_settings(_env_file=None)
+    assert not settings.kling_configured
+    assert not settings.verify
+
+
 def test_secret_raises_for_an_unset_secret() -> None:
     """Asking for a secret that was never filled in is a ConfigError naming it."""
     with pytest.raises(ConfigError, match=r"^KLING_API_KEY is not set$"):
