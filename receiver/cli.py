@@ -96,13 +96,20 @@ def worker(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _work(settings: Settings, concurrency: int | None) -> int:
     from receiver.database import open_ledger
+    from receiver.ledger import LedgerUnavailable
     from receiver.workers import downloader_for
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(stop_signal, stop.set)
-    async with open_ledger(settings.database_url) as ledger:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            ledger = await stack.enter_async_context(open_ledger(settings.database_url))
+        except LedgerUnavailable as exc:
+            # As `serve` ends when its start fails: a line that says why, and exit status 3.
+            log.critical("cannot open the ledger", extra={"error": str(exc)})
+            return 3
         # DOWNLOAD_CONCURRENCY=0 turns off serve's own pool; a worker always works.
         downloader = downloader_for(
             settings, ledger, concurrency or settings.download_concurrency or 4

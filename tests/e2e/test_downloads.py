@@ -18,6 +18,7 @@ from tests.media_server import MediaServer, Serve, Status, Trickle, media_bytes
 from tests.support import (
     Service,
     assert_error,
+    free_port,
     json_lines,
     post_all,
     succeed_payload,
@@ -330,3 +331,14 @@ def test_a_huge_retry_after_neither_jams_nor_parks_the_asset(
     assert len(media.hits("/e2e/later.mp4")) == 2
     messages = [entry.get("message") for entry in service.log_entries()]
     assert "download crashed" not in messages
+
+
+def test_a_worker_without_its_database_says_so_and_exits(tmp_path: Path) -> None:
+    """A worker whose PostgreSQL is not there ends with one log line and status 3, as serve."""
+    nowhere = f"postgresql://kr@127.0.0.1:{free_port()}/none"
+    done = Service(tmp_path / "data", env={"DATABASE_URL": nowhere}).cli("worker", timeout=60)
+    assert done.returncode == 3, done.stdout + done.stderr
+    (line,) = json_lines(done.stdout + done.stderr)
+    assert (line["level"], line["message"]) == ("critical", "cannot open the ledger")
+    assert "cannot open the PostgreSQL database" in line["error"]
+    assert "Traceback" not in done.stderr
