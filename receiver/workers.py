@@ -13,6 +13,7 @@ import logging
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -108,6 +109,7 @@ class Downloader:
     _storage_ok: asyncio.Event = field(default_factory=asyncio.Event)
     _storage_doubt: asyncio.Event = field(default_factory=asyncio.Event)
     _loop: asyncio.AbstractEventLoop | None = None
+    _threads: ThreadPoolExecutor | None = None
 
     @property
     def storage_problem(self) -> str | None:
@@ -120,10 +122,16 @@ class Downloader:
 
     async def run(self) -> None:
         """Run the workers until cancelled; they claim nothing while the sink cannot store."""
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._watch_storage(), name="storage-check")
-            for number in range(self.concurrency):
-                group.create_task(self._work(number), name=f"download-worker-{number}")
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._watch_storage(), name="storage-check")
+                for number in range(self.concurrency):
+                    group.create_task(self._work(number), name=f"download-worker-{number}")
+        finally:
+            threads, self._threads = self._threads, None
+            if threads is not None:
+                # Cancelled downloads stop at their next read; the loop does not wait for them.
+                threads.shutdown(wait=False)
 
     async def _watch_storage(self) -> None:
         """Check the sink at start, and again whenever a download finds it unavailable.
@@ -178,7 +186,9 @@ class Downloader:
         renewer = asyncio.create_task(self._renew(job, cancel))
         started = time.perf_counter()
         try:
-            result = await asyncio.to_thread(self._download, job, cancel)
+            result = await self._loop.run_in_executor(
+                self._download_threads(), self._download, job, cancel
+            )
         except asyncio.CancelledError:
             cancel.set()
             await self._settle(job, AssetResult(AssetState.pending, count_attempt=False))
@@ -205,6 +215,13 @@ class Downloader:
                 "seconds": round(time.perf_counter() - started, 3),
             },
         )
+
+    def _download_threads(self) -> ThreadPoolExecutor:
+        """A thread for each worker: the loop's default pool (six threads on two cores) would
+        leave jobs claimed beyond it waiting, and other work waiting behind them."""
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix="download")
+        return self._threads
 
     def _crashed(self, job: AssetJob, exc: Exception) -> AssetResult:
         """The outcome of an attempt that raised: retried, even if deciding when raises too."""

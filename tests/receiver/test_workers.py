@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -622,6 +623,30 @@ async def test_two_pools_on_one_ledger_fetch_each_asset_once(
         for n, record in enumerate(stored.assets):
             assert record.attempts == 1
             assert record.sha256 == sha(bodies[f"/two/{t}/{n}.png"])
+
+
+async def test_every_worker_downloads_at_once(
+    settings: Settings, ledger: Ledger, media: MediaServer
+) -> None:
+    """More workers than the event loop's default thread pool holds all download together."""
+    workers = min(32, (os.cpu_count() or 1) + 4) + 2
+    paths = [f"/wide/{n}.png" for n in range(workers)]
+    for n, path in enumerate(paths):
+        media.add(path, payload(96_000 + n, "png"), [Serve(rate=32_000, content_type="image/png")])
+    await queue(ledger, "twide", [media.url(path) for path in paths], IMAGES)
+    downloader = pool(settings, ledger, concurrency=workers)
+    running = asyncio.create_task(downloader.run())
+    try:
+
+        async def all_started() -> bool:
+            return all(media.hits(path) for path in paths)
+
+        await until(all_started, within=2.5)  # each answer takes 3 s
+        assert not any(hit.ended for path in paths for hit in media.hits(path))
+    finally:
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
 
 
 async def test_cancelled_download_is_handed_back_and_resumed(
