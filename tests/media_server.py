@@ -2,8 +2,10 @@
 
 Each path gets a script: a list of behaviours (Serve, Cut, Status, Short,
 Redirect, WrongRange, Unsized, Trickle), one consumed per request (the last one
-repeats). Every request is logged with its headers and when its answer ended,
-so tests can count fetches, see `Range` requests and time a slow answer.
+repeats). Every request is logged with its headers, its answer's status, first
+byte and body bytes sent, and when the answer ended, so tests can count fetches
+(`Request.reached_end`: which of them delivered a whole file), see `Range`
+requests and time a slow answer.
 
     server.add("/v.mp4", media_bytes(64_000), [Cut(1000), Cut(5000), Serve()])
 
@@ -122,6 +124,18 @@ class Request:
     headers: dict[str, str]
     at: float
     ended: float | None = None  # when the answer was sent, or the client hung up
+    status: int | None = None
+    first_byte: int = 0  # where in the file the body starts: a 206's range start
+    sent: int = 0  # body bytes the client's socket took (after the headers), so far
+
+    def reached_end(self, size: int) -> bool:
+        """The answer's body ran to the file's last byte: `size` is the body's full length
+        (the encoded one, for a compressed answer).
+
+        `sent` counts what the client's socket took, not what the client read: a client
+        killed with bytes unread in its socket is not told apart from one that read them.
+        """
+        return self.status in (200, 206) and self.first_byte + self.sent >= size
 
 
 @dataclass
@@ -191,13 +205,29 @@ class MediaServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            _request: Request | None = None  # the request being answered, to note its answer
+            _in_body = False
+
+            def setup(self) -> None:
+                super().setup()
+                self.wfile = _Counted(self.wfile, self)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
+            def send_response(self, code: int, message: str | None = None) -> None:
+                if self._request is not None:
+                    self._request.status = code
+                super().send_response(code, message)
+
+            def end_headers(self) -> None:
+                super().end_headers()
+                self._in_body = True
+
             def do_GET(self) -> None:
                 path = self.path.split("?")[0]
                 request = Request(path, dict(self.headers), time.monotonic())
+                self._request, self._in_body = request, False
                 with server._lock:
                     server.requests.append(request)
                     route = server.routes.get(path)
@@ -208,6 +238,7 @@ class MediaServer:
                     self.close_connection = True
                 finally:
                     request.ended = time.monotonic()
+                    self._request = None
 
             def _answer(self, route: _Route | None, behaviour: Behaviour) -> None:
                 if isinstance(behaviour, Status) or route is None:
@@ -247,6 +278,8 @@ class MediaServer:
                 ranges = behaviour.ranges
                 start = self._range_start(route, len(body)) if ranges else 0
                 part = body[start:]
+                if self._request is not None:
+                    self._request.first_byte = start
                 self.send_response(206 if start else 200)
                 content_type = (
                     behaviour.content_type if isinstance(behaviour, Serve) else "video/mp4"
@@ -273,6 +306,8 @@ class MediaServer:
                 total = len(route.body)
                 if isinstance(behaviour, WrongRange):
                     part = route.body[behaviour.start :]
+                    if self._request is not None:
+                        self._request.first_byte = behaviour.start
                     self.send_response(206)
                     self.send_header(
                         "Content-Range", f"bytes {behaviour.start}-{total - 1}/{total}"
@@ -333,6 +368,24 @@ class MediaServer:
                     time.sleep(0.05)
 
         return Handler
+
+
+class _Counted:
+    """A handler's socket writer that adds each body write to its request's `sent`."""
+
+    def __init__(self, raw: Any, handler: Any) -> None:
+        self._raw = raw
+        self._handler = handler
+
+    def write(self, data: bytes) -> int:
+        written: int = self._raw.write(data)  # all of it, or it raised
+        request = self._handler._request
+        if request is not None and self._handler._in_body:
+            request.sent += written
+        return written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
 
 
 def _encode(body: bytes, encoding: str | None) -> bytes:
