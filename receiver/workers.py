@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from receiver._clock import parse_time, utc_in, utc_now
-from receiver.ledger import AssetJob, AssetQueue, AssetResult, lease_owner
+from receiver.ledger import AssetJob, AssetQueue, AssetResult, LedgerUnavailable, lease_owner
 from receiver.models import AssetKind, AssetState
 from receiver.settings import Settings
 from storage import (
@@ -103,6 +103,7 @@ class Downloader:
     lease_seconds: float = 30.0
     idle_seconds: float = 1.0
     recheck_seconds: float = 15.0
+    settle_retry_seconds: float = 0.25  # first wait before recording an outcome again
     owner: str = field(default_factory=lease_owner)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _storage_problem: str | None = "the storage has not been checked yet"
@@ -191,7 +192,10 @@ class Downloader:
             )
         except asyncio.CancelledError:
             cancel.set()
-            await self._settle(job, AssetResult(AssetState.pending, count_attempt=False))
+            # Once: a shutdown does not wait for a database that is away.
+            await self._settle(
+                job, AssetResult(AssetState.pending, count_attempt=False), patient=False
+            )
             raise
         except Exception as exc:  # the edge of a worker: log it, retry it, keep working
             log.exception("download crashed", extra={"task_id": job.task_id, "asset": job.asset_id})
@@ -306,12 +310,39 @@ class Downloader:
                 cancel.set()
                 return
 
-    async def _settle(self, job: AssetJob, result: AssetResult) -> None:
-        try:
-            await self.ledger.settle_asset(job.asset_id, self.owner, result)
-        except Exception:
-            # The lease runs out and the job is taken again; the stored file is reused by key.
-            log.exception("cannot record a download", extra={"task_id": job.task_id})
+    async def _settle(self, job: AssetJob, result: AssetResult, *, patient: bool = True) -> None:
+        """Record the outcome; while the ledger is unavailable, try again until it answers.
+
+        Given up, the job would wait for its lease to lapse and then be fetched again from
+        the start, though its file is stored. Retried, it is recorded as soon as the
+        database is back, before any other worker can take the job over, unless the outage
+        outlasted the lease.
+        """
+        wait, refused = self.settle_retry_seconds, False
+        while True:
+            try:
+                await self.ledger.settle_asset(job.asset_id, self.owner, result)
+            except LedgerUnavailable:
+                if not patient:
+                    log.exception("cannot record a download", extra={"task_id": job.task_id})
+                    return
+                if not refused:
+                    log.exception(
+                        "cannot record a download; trying again", extra={"task_id": job.task_id}
+                    )
+                refused = True
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 1.0)  # soon after the database is back
+                continue
+            except Exception:
+                # The lease runs out and the job is taken again; the stored file is reused by key.
+                log.exception("cannot record a download", extra={"task_id": job.task_id})
+                return
+            if refused:
+                log.info(
+                    "download recorded once the ledger answered", extra={"task_id": job.task_id}
+                )
+            return
 
 
 def _sidecar(job: AssetJob, fetched: Fetched, stored_at: str) -> dict[str, object]:

@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 from receiver._clock import parse_time, utc_now
 from receiver.app import create_app
 from receiver.database import open_ledger, sqlite_path
-from receiver.ledger import AssetJob, AssetResult, Ledger, Update
+from receiver.ledger import AssetJob, AssetResult, Ledger, LedgerUnavailable, Update
 from receiver.models import (
     AssetKind,
     AssetRecord,
@@ -689,6 +689,43 @@ async def test_cancelled_download_is_handed_back_and_resumed(
     assert (stored.state, stored.sha256, stored.attempts) == (AssetState.stored, sha(body), 1)
     assert media.hits("/slow.mp4")[-1].headers["Range"] == f"bytes={held}-"
     assert files(task_dir(settings, "tslow")) == ["0.mp4", "0.mp4.json"]
+
+
+class SettleOutage:
+    """A ledger whose first `refusals` settle_asset calls raise LedgerUnavailable, as they
+    do while PostgreSQL is down; everything else goes to the real ledger."""
+
+    def __init__(self, ledger: Ledger, refusals: int) -> None:
+        self.ledger = ledger
+        self.refusals = refusals
+
+    async def settle_asset(self, asset_id: int, owner: str, result: AssetResult) -> bool:
+        if self.refusals:
+            self.refusals -= 1
+            raise LedgerUnavailable("the database did not answer: connection refused")
+        return await self.ledger.settle_asset(asset_id, owner, result)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ledger, name)
+
+
+async def test_a_download_done_while_the_ledger_is_away_is_recorded_when_it_returns(
+    settings: Settings, ledger: Ledger, media: MediaServer
+) -> None:
+    """A file stored while its outcome cannot be recorded is recorded once the ledger answers
+    again, not left for its lease to lapse and be fetched a second time."""
+    body = payload(50_000)
+    url = media.add("/away.mp4", body)
+    await queue(ledger, "taway", [url])
+    downloader = dataclasses.replace(pool(settings, ledger), ledger=SettleOutage(ledger, 2))
+
+    await asyncio.wait_for(attempt(downloader), 10)
+
+    stored = await asset(ledger, "taway")
+    assert (stored.state, stored.sha256, stored.attempts) == (AssetState.stored, sha(body), 1)
+    assert (await task(ledger, "taway")).archived_at is not None
+    assert await ledger.claim_asset("another-worker", 30) is None
+    assert len(media.hits("/away.mp4")) == 1
 
 
 class FlakySink(LocalSink):
