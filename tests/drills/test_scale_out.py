@@ -1,23 +1,28 @@
-"""Drills: the service scaled out on one PostgreSQL.
+"""Drills: the service scaled out on one PostgreSQL, and that PostgreSQL restarted mid-burst.
 
 1. Two receivers and three `worker` processes share one PostgreSQL ledger and one storage
    directory; every succeed callback arrives twice, once at each receiver; one worker is
    SIGKILLed mid-download. Every asset is still stored exactly once, fetched once (bar
    the killed worker's own attempts), and every delivery is in the ledger once.
+2. PostgreSQL is stopped in the middle of a burst of callbacks and started again: the
+   receiver answers 503 (not ready) meanwhile, every delivery it acknowledged is kept, and
+   the burst completes without the process being restarted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -324,3 +329,158 @@ def check_fetches(media: MediaServer, sources: dict[str, bytes], held: Held) -> 
 def resumable(held_bytes: int) -> bool:
     """Whether a .part this long is resumed: fewer bytes than the start check needs are not."""
     return held_bytes >= HEAD_SIZE
+
+
+# -- 2. PostgreSQL restarted mid-burst --------------------------------------------------------
+
+
+@dataclass
+class Sender:
+    """Sends every delivery, paced, with up to 32 in flight, each again until answered 2xx.
+
+    Kling's aggregator would not resend; a test sender must, to show that nothing the
+    receiver acknowledged is lost and that it takes deliveries again once the database is
+    back. Only a 503 (or a connection error) is sent again; any other answer is a failure.
+    """
+
+    deliveries: list[tuple[str, bytes]]
+    interval: float
+    patience: float = 60.0
+    acked: dict[int, float] = field(default_factory=dict)  # delivery -> when answered 2xx
+    answers: Counter[int | str] = field(default_factory=Counter)
+    unexpected: list[tuple[int, int, str]] = field(default_factory=list)
+    failure: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # surfaced by the test, not lost in the thread
+            self.failure = exc
+
+    async def _run(self) -> None:
+        gate = asyncio.Semaphore(32)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(limits=limits, timeout=30, trust_env=False) as client:
+
+            async def one(number: int, url: str, body: bytes) -> None:
+                await asyncio.sleep(max(0.0, began + number * self.interval - loop.time()))
+                async with gate:
+                    deadline = loop.time() + self.patience
+                    while loop.time() < deadline:
+                        try:
+                            response = await client.post(
+                                url, content=body, headers={"content-type": "application/json"}
+                            )
+                        except httpx.TransportError as exc:
+                            self.answers[type(exc).__name__] += 1
+                        else:
+                            self.answers[response.status_code] += 1
+                            if response.is_success:
+                                self.acked[number] = time.monotonic()
+                                return
+                            if response.status_code != 503:
+                                self.unexpected.append(
+                                    (number, response.status_code, response.text)
+                                )
+                                return
+                        await asyncio.sleep(0.1)
+
+            await asyncio.gather(
+                *(one(number, url, body) for number, (url, body) in enumerate(self.deliveries))
+            )
+
+
+def readyz(service: Service) -> int:
+    return ready_answer(service).status_code
+
+
+def ready_answer(service: Service) -> httpx.Response:
+    return httpx.get(service.base_url + "/readyz", timeout=5, trust_env=False)
+
+
+def test_postgres_restarted_mid_burst_loses_no_acknowledged_delivery(
+    services: Callable[..., Service], media: MediaServer, postgres: PostgresServer
+) -> None:
+    """A burst of 300 succeed callbacks, PostgreSQL stopped after ~80 and started again.
+
+    While it is down the receiver is not ready and answers 503; afterwards every delivery
+    is answered 200 and recorded, every file stored once, by the same process, never
+    restarted.
+    """
+    database = postgres.create_database()
+    # The default 30 s lease outlasts the outage: a download finished meanwhile is still
+    # its worker's to record when the database is back, and no one else's to fetch again.
+    service = services(env=DOWNLOADS | {"DATABASE_URL": database, "DOWNLOAD_CONCURRENCY": "4"})
+    assert service.process is not None
+    process = service.process
+    root = service.data_dir / "assets"
+
+    sources: dict[str, bytes] = {}
+    deliveries: list[tuple[str, bytes]] = []
+    for t in range(TASKS):
+        task_id, external = f"pg{t}", f"kr_pg_{t}"
+        path = f"/pg/{t}.png"
+        # Some files take a second, so that downloads are in flight when the database goes.
+        rate = 20 << 10 if t % 25 == 0 else None
+        data = media_bytes(random.Random(t).randrange(2 << 10, 20 << 10), path, "png")
+        url = media.add(path, data, [Serve(rate=rate, content_type="image/png")])
+        sources[url] = data
+        body = succeed_body(task_id, external, [url])
+        deliveries.append((service.callback_url(tokens.task_ref(external), IMAGES), body))
+
+    sender = Sender(deliveries, interval=0.02)
+    sending = threading.Thread(target=sender.run, name="burst", daemon=True)
+    sending.start()
+    try:
+        wait_for(lambda: len(sender.acked) >= 80, "80 deliveries acknowledged", 20)
+        postgres.stop("immediate")  # a crash: the next start replays the WAL
+        down_at = time.monotonic()
+        try:
+            wait_for(lambda: readyz(service) == 503, "/readyz to say not ready", 15)
+            # Down until deliveries have met the outage: answered 503 and sent again.
+            wait_for(lambda: sender.answers[503] >= 10, "deliveries answered 503", 20)
+            not_ready = ready_answer(service)
+            assert not_ready.status_code == 503
+            assert "database" in not_ready.json()["reason"], not_ready.text
+        finally:
+            postgres.start()
+        up_at = time.monotonic()
+        wait_for(lambda: readyz(service) == 200, "/readyz ready again", 20)
+        ready_after = time.monotonic() - up_at
+    finally:
+        sending.join(90)
+    assert not sending.is_alive(), "the sender did not finish"
+    assert sender.failure is None, f"the sender broke: {sender.failure!r}"
+    print(
+        f"answers {dict(sender.answers)}; PostgreSQL down {up_at - down_at:.1f} s, "
+        f"/readyz ready {ready_after:.1f} s after it was back"
+    )
+    assert sender.unexpected == [], "answers other than 2xx or 503"
+    dropped = {answer: n for answer, n in sender.answers.items() if isinstance(answer, str)}
+    assert dropped == {}, "the receiver left deliveries unanswered"
+    assert len(sender.acked) == TASKS, f"{TASKS - len(sender.acked)} never answered 2xx"
+
+    wait_for(all_archived(service), "every task archived", 60)
+    tasks = all_tasks(service)
+    assert len(tasks) == TASKS
+    with api_client(service) as api:
+        for _, body in deliveries:
+            task_id = json.loads(body)["task_id"]
+            events = api.get(f"/api/tasks/{task_id}/events").json()["events"]
+            assert [event["body"].encode() for event in events] == [body], task_id
+            assert tasks[task_id]["updates"] == 1, task_id
+    check_archive(tasks, sources, root)
+    assert len(stored_media(root)) == TASKS
+    for url, data in sources.items():
+        hits = media.hits(url.removeprefix(media.base_url))
+        full = [hit for hit in hits if hit.reached_end(len(data))]
+        assert (len(hits), len(full)) == (1, 1), f"{url} was fetched {len(hits)} times"
+
+    # The same process throughout: never exited, never started again.
+    assert service.process is process and process.poll() is None
+    starts = [entry for entry in service.log_entries() if entry.get("message") == "ready"]
+    assert len(starts) == 1, "the service started more than once"
+    crashes = {"download crashed", "unhandled error"}
+    assert not [e for e in service.log_entries() if e.get("message") in crashes]
