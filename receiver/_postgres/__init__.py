@@ -119,8 +119,8 @@ class PostgresLedger:
             },
             connection_class=psycopg.AsyncConnection[Row],
             configure=_configure,
-            # A connection the server dropped (a restart) is found out before it is used.
-            check=psycopg_pool.AsyncConnectionPool.check_connection,
+            # No check on every checkout (a round trip per transaction): a connection the
+            # server dropped is found out by its first statement, and `_run` then tries again.
             timeout=self._timeout,
             # While the database is away the pool retries with a doubling delay; giving up
             # after this long lets the next call try at once, so a database that comes back
@@ -146,10 +146,12 @@ class PostgresLedger:
 
     async def _run(self, op: Callable[[Conn], Awaitable[T]], *, wait: float | None = None) -> T:
         """Run `op` in a transaction of its own; database errors are `LedgerUnavailable`."""
+        checked = False
         for attempt in range(_ATTEMPTS):
             pool = self._pool
             if pool is None:
                 raise LedgerUnavailable("the ledger is closed")
+            conn: Conn | None = None
             try:
                 async with pool.connection(timeout=wait) as conn, conn.transaction():
                     return await op(conn)
@@ -157,6 +159,13 @@ class PostgresLedger:
                 if attempt == _ATTEMPTS - 1:
                     raise LedgerUnavailable("the database kept aborting a transaction") from None
                 await asyncio.sleep(0.01 * 2**attempt)
+            except psycopg.OperationalError as exc:
+                if checked or conn is None or not conn.broken:
+                    raise LedgerUnavailable(f"the database refused: {_said(exc)}") from exc
+                # The server dropped it (a restart): so it did the other idle ones. Have the
+                # pool replace them all, then run `op` again on a live connection.
+                checked = True
+                await pool.check()
             except psycopg_pool.PoolTimeout as exc:
                 raise LedgerUnavailable(f"the database did not answer: {_said(exc)}") from exc
             except psycopg.Error as exc:

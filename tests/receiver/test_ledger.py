@@ -755,6 +755,18 @@ async def test_a_postgresql_that_goes_away_is_unavailable_until_it_returns(
         assert await ledger.task("during") is None
 
 
+async def test_connections_a_postgresql_restart_dropped_cost_no_failed_call(
+    postgres: PostgresServer,
+) -> None:
+    """The pool's connections die with a restart; the first calls after it get live ones."""
+    async with PostgresLedger(postgres.create_database(), timeout=5.0) as ledger:
+        await asyncio.gather(*(ledger.ping() for _ in range(4)))  # several idle connections
+        postgres.restart("immediate")
+        applied = await ledger.apply(update(body("after", "submitted"), channel()))
+        assert applied.outcome is Outcome.moved
+        await asyncio.gather(*(ledger.ping() for _ in range(4)))
+
+
 async def test_claims_take_lapsed_leases_then_new_jobs_then_due_retries(ledger: Ledger) -> None:
     """The asset queue's order on every backend: a lapsed lease is taken over first, then new
     jobs, then retries that are due; a retry not yet due waits; the lapsed lease's first
