@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from receiver._clock import parse_time
 from receiver.models import (
     AssetKind,
     AssetState,
@@ -34,10 +35,14 @@ from receiver.models import (
 )
 
 __all__ = [
+    "KLING_KEEPS_SECONDS",
+    "UNFINISHED_STATUSES",
+    "UNSTORED_STATES",
     "Applied",
     "AssetJob",
     "AssetQueue",
     "AssetResult",
+    "Backlog",
     "Ledger",
     "LedgerError",
     "LedgerUnavailable",
@@ -47,6 +52,7 @@ __all__ = [
     "Submission",
     "TaskPage",
     "Update",
+    "backlog",
     "binding_conflict",
     "contradiction",
     "lease_owner",
@@ -172,6 +178,52 @@ class Submission:
 class TaskPage:
     tasks: list[TaskRecord]
     next_cursor: str | None
+
+
+# Kling deletes a task's files this long after it created the task.
+KLING_KEEPS_SECONDS = 30 * 24 * 3600.0
+# What `Ledger.backlog` reads: the statuses of unfinished tasks, the states of unstored assets.
+UNFINISHED_STATUSES = ("submitted", "processing")
+UNSTORED_STATES = (AssetState.pending, AssetState.downloading, AssetState.failed)
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """The work still to do, as the ledger holds it: the same whichever process reads it."""
+
+    tasks: dict[str, int]  # unfinished tasks by status ("unknown" until Kling has said one)
+    assets: dict[AssetState, int]  # assets not stored yet, by state (each of UNSTORED_STATES)
+    oldest_task_at: str | None  # when the oldest unfinished task was first recorded
+    oldest_pending_at: str | None  # when the longest-queued pending or downloading asset was
+    expires_at: float | None  # epoch seconds when the first unstored asset's file is deleted
+
+
+def backlog(
+    tasks: list[tuple[str | None, int, str]],
+    assets: list[tuple[str, int, str]],
+    kling_created_ms: int | None,
+    created_at: str | None,
+) -> Backlog:
+    """A Backlog from what each backend's queries return, combined the same way for both.
+
+    `tasks` and `assets` are (status or state, count, oldest created_at) rows; the expiry is
+    counted from Kling's creation time, or from when the ledger first heard of the task if
+    Kling never said (`created_at`: the oldest such task with an unstored asset).
+    """
+    queued = [oldest for state, _, oldest in assets if state != AssetState.failed]
+    starts = []
+    if kling_created_ms is not None:
+        starts.append(kling_created_ms / 1000)
+    if created_at is not None:
+        starts.append(parse_time(created_at).timestamp())
+    return Backlog(
+        tasks={status or "unknown": count for status, count, _ in tasks},
+        assets={state: 0 for state in UNSTORED_STATES}
+        | {AssetState(state): count for state, count, _ in assets},
+        oldest_task_at=min((oldest for _, _, oldest in tasks), default=None),
+        oldest_pending_at=min(queued, default=None),
+        expires_at=min(starts) + KLING_KEEPS_SECONDS if starts else None,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +434,13 @@ class Ledger(AssetQueue, Protocol):
         Periodic work that must run once across every process (the sweep) runs only in
         the process that holds its turn; it renews it each time, and another process
         takes over once a holder stops renewing.
+        """
+        ...
+
+    async def backlog(self) -> Backlog:
+        """Unfinished tasks and unstored assets: how many, the oldest, the soonest expiry.
+
+        A few indexed aggregates, cheap enough for every metrics scrape.
         """
         ...
 

@@ -26,14 +26,18 @@ from receiver._clock import utc_in, utc_now
 from receiver._postgres import tasks, text
 from receiver._postgres.schema import MIGRATIONS, migrate
 from receiver.ledger import (
+    UNFINISHED_STATUSES,
+    UNSTORED_STATES,
     Applied,
     AssetJob,
     AssetResult,
+    Backlog,
     LedgerUnavailable,
     PollJob,
     Submission,
     TaskPage,
     Update,
+    backlog,
 )
 from receiver.models import AssetState, EventRecord, TaskRecord, TaskStatus
 from receiver.rules import archived as all_stored
@@ -504,6 +508,37 @@ class PostgresLedger:
                 (name, owner, utc_in(seconds), utc_now()),
             )
             return cur.rowcount == 1
+
+        return await self._run(op)
+
+    async def backlog(self) -> Backlog:
+        async def op(conn: Conn) -> Backlog:
+            statuses = list(UNFINISHED_STATUSES)
+            states = [state.value for state in UNSTORED_STATES]
+            cur = await conn.execute(
+                """SELECT status, count(*) AS n, min(created_at) AS oldest FROM tasks
+                   WHERE task_id IS NOT NULL AND (status IS NULL OR status = ANY(%s))
+                   GROUP BY status""",
+                (statuses,),
+            )
+            tasks = [(r["status"], int(r["n"]), r["oldest"]) for r in await cur.fetchall()]
+            cur = await conn.execute(
+                """SELECT state, count(*) AS n, min(created_at) AS oldest FROM assets
+                   WHERE state = ANY(%s) GROUP BY state""",
+                (states,),
+            )
+            assets = [(r["state"], int(r["n"]), r["oldest"]) for r in await cur.fetchall()]
+            cur = await conn.execute(
+                """SELECT min(t.kling_created_at) AS kling_created,
+                          min(CASE WHEN t.kling_created_at IS NULL THEN t.created_at END)
+                              AS created
+                   FROM assets AS a JOIN tasks AS t ON t.id = a.task_pk
+                   WHERE a.state = ANY(%s)""",
+                (states,),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return backlog(tasks, assets, row["kling_created"], row["created"])
 
         return await self._run(op)
 

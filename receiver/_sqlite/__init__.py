@@ -18,6 +18,7 @@ from receiver.ledger import (
     Applied,
     AssetJob,
     AssetResult,
+    Backlog,
     LedgerUnavailable,
     PollJob,
     Submission,
@@ -186,6 +187,9 @@ class SQLiteLedger(Engine):
             return taken.rowcount == 1
 
         return await self.write(op)
+
+    async def backlog(self) -> Backlog:
+        return await self.read(polls.backlog_of)
 
     async def stats(self) -> dict[str, int]:
         return await self.read(polls.stats)

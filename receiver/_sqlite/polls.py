@@ -8,9 +8,17 @@ from typing import Any
 
 from receiver import _rows
 from receiver._clock import utc_in, utc_now
-from receiver.ledger import PollJob, Submission
+from receiver.ledger import (
+    UNFINISHED_STATUSES,
+    UNSTORED_STATES,
+    Backlog,
+    PollJob,
+    Submission,
+    backlog,
+)
 
 __all__ = [
+    "backlog_of",
     "claim_polls",
     "claim_stale_submissions",
     "poll_everything_in_flight",
@@ -160,3 +168,30 @@ def stats(conn: sqlite3.Connection) -> dict[str, int]:
            FROM tasks"""
     ).fetchone()
     return dict(row)
+
+
+def backlog_of(conn: sqlite3.Connection) -> Backlog:
+    # Bound lists rather than literals, so the sets stay the ones `receiver.ledger` names.
+    statuses = {"s1": UNFINISHED_STATUSES[0], "s2": UNFINISHED_STATUSES[1]}
+    states = {f"a{i}": state.value for i, state in enumerate(UNSTORED_STATES)}
+    tasks = conn.execute(
+        """SELECT status, count(*), min(created_at) FROM tasks
+           WHERE task_id IS NOT NULL AND (status IS NULL OR status IN (:s1, :s2))
+           GROUP BY status""",
+        statuses,
+    ).fetchall()
+    assets = conn.execute(
+        """SELECT state, count(*), min(created_at) FROM assets
+           WHERE state IN (:a0, :a1, :a2) GROUP BY state""",
+        states,
+    ).fetchall()
+    expiry = conn.execute(
+        """SELECT min(t.kling_created_at),
+                  min(CASE WHEN t.kling_created_at IS NULL THEN t.created_at END)
+           FROM assets AS a JOIN tasks AS t ON t.id = a.task_pk
+           WHERE a.state IN (:a0, :a1, :a2)""",
+        states,
+    ).fetchone()
+    return backlog(
+        [tuple(row) for row in tasks], [tuple(row) for row in assets], expiry[0], expiry[1]
+    )

@@ -831,3 +831,45 @@ async def test_text_with_nul_characters_is_recorded_as_it_came(ledger: Ledger) -
     assert task is not None and task.status_msg == odd
     events = await ledger.events("nul") or []
     assert [event.status for event in events] == ["processing", "weird\x00status"]
+
+
+async def test_backlog_counts_unfinished_work_its_age_and_first_expiry(ledger: Ledger) -> None:
+    """The backlog counts unfinished tasks and unstored assets, the oldest of each, and when the
+    first unstored file expires (Kling's creation time + 30 days); finished work is left out."""
+    empty = await ledger.backlog()
+    assert (empty.tasks, empty.oldest_task_at, empty.oldest_pending_at) == ({}, None, None)
+    assert empty.assets == {
+        AssetState.pending: 0,
+        AssetState.downloading: 0,
+        AssetState.failed: 0,
+    }
+    assert empty.expires_at is None
+
+    await ledger.apply(update(body("slow", "processing", 1000), channel("s")))
+    await ledger.apply(update(body("gone", "failed", 1000), channel("g")))
+    assert await ledger.track(T2V, "tracked")  # no status heard yet
+    await ledger.apply(update(succeed("files", videos=3, created_at=1_700_000_000_000)))
+    await ledger.apply(update(succeed("early", images=1, created_at=1_600_000_000_000)))
+    await ledger.apply(update(succeed("done", images=1, created_at=1_500_000_000_000)))
+    jobs = [await ledger.claim_asset("w", 30) for _ in range(5)]
+    by_task = {job.task_id: job for job in reversed(jobs) if job is not None}
+    stored = AssetResult(AssetState.stored, location="x", sha256="ab", size=1, stored_at=utc_now())
+    assert await ledger.settle_asset(by_task["done"].asset_id, "w", stored)
+    given_up = AssetResult(AssetState.failed, error="gone")
+    assert await ledger.settle_asset(by_task["early"].asset_id, "w", given_up)
+
+    found = await ledger.backlog()
+    slow = await ledger.task("slow")
+    files = await ledger.task("files")
+    assert slow is not None and files is not None
+    assert found.tasks == {"processing": 1, "unknown": 1}
+    assert found.oldest_task_at == slow.created_at
+    assert found.assets == {
+        AssetState.pending: 0,
+        AssetState.downloading: 3,
+        AssetState.failed: 1,
+    }
+    assert found.oldest_pending_at is not None
+    assert found.oldest_pending_at >= slow.created_at
+    # The failed image is not stored either: its file goes first, a "done" one does not count.
+    assert found.expires_at == 1_600_000_000 + 30 * 24 * 3600
