@@ -20,9 +20,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from receiver.database import open_ledger
 from receiver.kling import client_for
 from receiver.ledger import LedgerUnavailable
+from receiver.metrics import CONTENT_TYPE, Metrics, scrape
 from receiver.poller import Poller
 from receiver.routes import api, callbacks, files
 from receiver.routes._responses import error, http_error
+from receiver.routes.api import AdminAuth
 from receiver.settings import Settings
 from receiver.stats import Stats
 from receiver.sweep import Sweeper
@@ -49,6 +51,15 @@ async def readyz(request: Request) -> Response:
     if downloader is not None and downloader.storage_problem is not None:
         return JSONResponse({"status": "unavailable", "reason": downloader.storage_problem}, 503)
     return JSONResponse({"status": "ready"})
+
+
+async def metrics_text(scope: Scope, receive: Receive, send: Send) -> None:
+    """Prometheus metrics: this process's counters, and the ledger's backlog read now."""
+    request = Request(scope, receive)
+    downloader = request.app.state.downloader
+    ready = None if downloader is None else downloader.storage_problem is None
+    body = await scrape(request.app.state.metrics, request.app.state.ledger, ready)
+    await Response(body, media_type=CONTENT_TYPE)(scope, receive, send)
 
 
 async def ledger_unavailable(request: Request, exc: Exception) -> Response:
@@ -132,7 +143,9 @@ def create_app(settings: Settings) -> Starlette:
             background = []
             app.state.downloader = app.state.kling = app.state.poller = None
             if settings.download_concurrency:
-                app.state.downloader = downloader_for(settings, ledger, sink=app.state.sink)
+                app.state.downloader = downloader_for(
+                    settings, ledger, sink=app.state.sink, metrics=app.state.metrics
+                )
                 background.append(group.create_task(app.state.downloader.run(), name="downloads"))
             if settings.kling_configured:
                 app.state.kling = await stack.enter_async_context(client_for(settings))
@@ -142,11 +155,16 @@ def create_app(settings: Settings) -> Starlette:
                     app.state.kling,
                     settings,
                     on_files=downloader.wake if downloader is not None else None,
+                    metrics=app.state.metrics,
                 )
                 background.append(group.create_task(app.state.poller.run(), name="poller"))
                 if settings.sweep_interval:
                     sweeper = Sweeper(
-                        ledger, app.state.kling, settings, on_files=app.state.poller.on_files
+                        ledger,
+                        app.state.kling,
+                        settings,
+                        on_files=app.state.poller.on_files,
+                        metrics=app.state.metrics,
                     )
                     background.append(group.create_task(sweeper.run(), name="sweep"))
             log.info(
@@ -169,11 +187,16 @@ def create_app(settings: Settings) -> Starlette:
             *callbacks.routes,  # first: the route nearly every request takes
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route(
+                "/metrics",
+                AdminAuth(metrics_text, token=settings.metrics_bearer, setting="METRICS_TOKEN"),
+                methods=["GET"],
+            ),
             *files.routes,
             Mount(
                 "/api",
                 routes=api.routes,
-                middleware=[Middleware(api.AdminAuth, token=settings.secret("admin_token"))],
+                middleware=[Middleware(AdminAuth, token=settings.secret("admin_token"))],
             ),
         ],
         middleware=[Middleware(FrontDoor, direct=callbacks.direct)],
@@ -186,6 +209,7 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.settings = settings
     app.state.stats = Stats()
+    app.state.metrics = Metrics()
     secret = settings.kling_webhook_secret
     app.state.webhook = WebhookKey(secret.get_secret_value()) if secret else None
     return app

@@ -19,7 +19,8 @@ from typing import Any
 
 from receiver._clock import parse_time, utc_now
 from receiver.kling import KlingAPIError, KlingClient, KlingError
-from receiver.ledger import Ledger, PollJob, Submission, Update
+from receiver.ledger import Ledger, Outcome, PollJob, Submission, Update
+from receiver.metrics import Metrics
 from receiver.models import CallbackRef, PayloadError, Source, Standard
 from receiver.settings import Settings
 from receiver.shapes import parse_task
@@ -84,6 +85,7 @@ class Poller:
     settings: Settings
     batch: int = 200
     on_files: Callable[[], None] | None = None  # told when an answer queued downloads
+    metrics: Metrics = field(default_factory=Metrics)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def wake(self) -> None:
@@ -169,6 +171,7 @@ class Poller:
     async def _failed(self, job: PollJob, exc: Exception) -> None:
         failure = f"query failed: {exc}" if isinstance(exc, KlingAPIError) else None
         await self.ledger.poll_failed(job.task_id, self.interval(job.quiet_polls), failure)
+        self.metrics.polls.labels("failed").inc()
         log.warning("poll failed", extra={"task_id": job.task_id, "error": str(exc)})
 
     async def _apply(self, job: PollJob, data: dict[str, Any]) -> None:
@@ -185,6 +188,11 @@ class Poller:
             return
         applied = await self.ledger.apply(update)
         self._files_queued(applied.assets_created)
+        self.metrics.polls.labels("answered").inc()
+        if job.verify:
+            self.metrics.verifications.inc()
+        elif applied.outcome is Outcome.moved and applied.status and applied.status.terminal:
+            self.metrics.recoveries.labels("poll").inc()  # its end came by no callback
         log.info(
             "poll",
             extra={

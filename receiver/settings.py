@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     aws_default_region: str = ""
     callback_secret: SecretStr | None = None
     admin_token: SecretStr | None = None
+    metrics_token: SecretStr | None = None  # unset: ADMIN_TOKEN
     kling_api_base: str = "https://api-singapore.klingai.com"
     kling_api_key: SecretStr | None = None
     kling_access_key: str | None = None
@@ -110,7 +111,7 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("callback_secret", "admin_token")
+    @field_validator("callback_secret", "admin_token", "metrics_token")
     @classmethod
     def _not_blank(cls, value: SecretStr | None) -> SecretStr | None:
         """A blank secret would sign callback URLs with no key, or let `Bearer ` in."""
@@ -200,6 +201,11 @@ class Settings(BaseSettings):
     @property
     def generated_secrets(self) -> tuple[str, ...]:
         return self._generated
+
+    @property
+    def metrics_bearer(self) -> str:
+        """The token `/metrics` takes: METRICS_TOKEN, else ADMIN_TOKEN."""
+        return self.secret("metrics_token" if self.metrics_token else "admin_token")
 
     def secret(self, name: str) -> str:
         """The value of a secret setting; raises if it was never filled in."""

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from receiver.kling import LIST_LIMIT, KlingClient, KlingError
-from receiver.ledger import Ledger, lease_owner
+from receiver.ledger import Ledger, Outcome, lease_owner
+from receiver.metrics import Metrics
 from receiver.models import PayloadError, Source
 from receiver.poller import update_from_reply
 from receiver.settings import Settings
@@ -70,6 +71,7 @@ async def sweep(
     progress: Callable[[Tally], None] | None = None,
     on_files: Callable[[], None] | None = None,
     page_limit: int = LIST_LIMIT,
+    metrics: Metrics | None = None,
 ) -> Tally:
     """Adopt every succeeded task created in [start_ms, end_ms] that the ledger does not know.
 
@@ -85,7 +87,7 @@ async def sweep(
         tally.total = page.count
         for data in page.tasks:
             tally.seen += 1
-            await _adopt(ledger, settings, data, tally, on_files)
+            await _adopt(ledger, settings, data, tally, on_files, metrics)
         if progress is not None:
             progress(tally)
         if not page.next_cursor or not page.tasks or page.next_cursor in cursors:
@@ -101,6 +103,7 @@ async def _adopt(
     data: dict[str, object],
     tally: Tally,
     on_files: Callable[[], None] | None,
+    metrics: Metrics | None,
 ) -> None:
     try:
         update = update_from_reply(
@@ -120,6 +123,9 @@ async def _adopt(
     applied = await ledger.apply(update)
     if applied.assets_created and on_files is not None:
         on_files()
+    ended = applied.outcome is Outcome.moved and applied.status and applied.status.terminal
+    if ended and metrics is not None:
+        metrics.recoveries.labels("sweep").inc()
     if known is None:
         log.info(
             "adopted by sweep",
@@ -135,6 +141,7 @@ class Sweeper:
     client: KlingClient
     settings: Settings
     on_files: Callable[[], None] | None = None
+    metrics: Metrics = field(default_factory=Metrics)
     owner: str = field(default_factory=lease_owner)
     _clock: Callable[[], int] = field(default=now_ms)
 
@@ -167,7 +174,13 @@ class Sweeper:
         start = int(mark) - OVERLAP_MS
         try:
             tally = await sweep(
-                self.ledger, self.client, self.settings, start, end, on_files=self.on_files
+                self.ledger,
+                self.client,
+                self.settings,
+                start,
+                end,
+                on_files=self.on_files,
+                metrics=self.metrics,
             )
         except KlingError as exc:
             log.warning(

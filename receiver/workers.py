@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 from receiver._clock import parse_time, utc_in, utc_now
 from receiver.ledger import AssetJob, AssetQueue, AssetResult, LedgerUnavailable, lease_owner
+from receiver.metrics import Metrics
 from receiver.models import AssetKind, AssetState
 from receiver.settings import Settings
 from storage import (
@@ -42,6 +43,13 @@ __all__ = ["Downloader", "RetryPolicy", "asset_stem", "downloader_for", "sink_fo
 log = logging.getLogger("receiver.workers")
 
 _NOT_YET = {403, 404, 410}
+# How an attempt's result is counted in /metrics: a pending result is a retry to come.
+_OUTCOMES = {
+    AssetState.stored: "stored",
+    AssetState.pending: "retry",
+    AssetState.failed: "failed",
+    AssetState.downloading: "retry",  # never a result; listed so every state has a name
+}
 
 
 def asset_stem(
@@ -105,6 +113,7 @@ class Downloader:
     recheck_seconds: float = 15.0
     settle_retry_seconds: float = 0.25  # first wait before recording an outcome again
     owner: str = field(default_factory=lease_owner)
+    metrics: Metrics = field(default_factory=Metrics)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _storage_problem: str | None = "the storage has not been checked yet"
     _storage_ok: asyncio.Event = field(default_factory=asyncio.Event)
@@ -205,6 +214,12 @@ class Downloader:
         if cancel.is_set() and result.state is not AssetState.stored:
             return  # the lease was lost: another worker owns the job now
         await self._settle(job, result)
+        seconds = time.perf_counter() - started
+        outcome = _OUTCOMES[result.state]
+        self.metrics.downloads.labels(outcome).inc()
+        self.metrics.download_seconds.labels(outcome).observe(seconds)
+        if result.state is AssetState.stored and result.size:
+            self.metrics.downloaded_bytes.inc(result.size)
         log.info(
             "download",
             extra={
@@ -216,7 +231,7 @@ class Downloader:
                 "size": result.size,
                 "error": result.error,
                 "attempt": job.attempts + 1,
-                "seconds": round(time.perf_counter() - started, 3),
+                "seconds": round(seconds, 3),
             },
         )
 
@@ -388,6 +403,7 @@ def downloader_for(
     ledger: AssetQueue,
     concurrency: int | None = None,
     sink: Sink | None = None,
+    metrics: Metrics | None = None,
 ) -> Downloader:
     """The worker pool that DOWNLOAD_* and STORAGE_URL describe."""
     return Downloader(
@@ -408,4 +424,5 @@ def downloader_for(
         concurrency=settings.download_concurrency if concurrency is None else concurrency,
         lease_seconds=settings.download_lease_seconds,
         recheck_seconds=settings.storage_check_seconds,
+        metrics=metrics or Metrics(),
     )

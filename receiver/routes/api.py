@@ -25,11 +25,13 @@ MAX_PAGE = 200
 
 
 class AdminAuth:
-    """Lets a request through only with `Authorization: Bearer <ADMIN_TOKEN>`."""
+    """Lets a request through only with `Authorization: Bearer <ADMIN_TOKEN>` (or the token
+    of the `setting` named)."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, setting: str = "ADMIN_TOKEN") -> None:
         self.app = app
         self.expected = token.encode()
+        self.setting = setting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -39,7 +41,7 @@ class AdminAuth:
                 response = error(
                     401,
                     "unauthorized",
-                    "Send the ADMIN_TOKEN as `Authorization: Bearer <token>`.",
+                    f"Send the {self.setting} as `Authorization: Bearer <token>`.",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
                 await response(scope, receive, send)

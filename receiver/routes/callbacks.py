@@ -15,6 +15,7 @@ from starlette.types import Scope
 from receiver import tokens
 from receiver._clock import utc_now
 from receiver.ledger import Ledger, LedgerUnavailable, Outcome, Update
+from receiver.metrics import Metrics
 from receiver.models import PayloadError, Source
 from receiver.poller import poll_after
 from receiver.routes._responses import JSON, error
@@ -65,6 +66,9 @@ def _refuse(
 ) -> Response:
     """Answers a refused delivery: counted and logged, never recorded."""
     request.app.state.stats.refused[code] += 1
+    metrics: Metrics = request.app.state.metrics
+    metrics.refused.labels(code).inc()
+    metrics.ack_seconds.observe(time.perf_counter() - started)
     remote = request.client.host if request.client else None
     extra = {"outcome": "refused", "reason": code, "remote": remote}
     log.warning("delivery refused", extra=extra | {"latency_ms": _ms(started)} | fields)
@@ -172,10 +176,17 @@ async def receive(request: Request) -> Response:
         )
 
     request.app.state.stats.deliveries[applied.outcome.value] += 1
+    metrics = request.app.state.metrics
+    metrics.delivered[applied.outcome].inc()
+    if applied.outcome is Outcome.duplicate:
+        metrics.duplicates.inc()
+    elif applied.outcome is Outcome.kept and task.status is not None:
+        metrics.out_of_order.inc()  # a known status that a later one had overtaken
     if applied.assets_created and request.app.state.downloader is not None:
         request.app.state.downloader.wake()
     if applied.outcome is Outcome.held:
         request.app.state.poller.wake()  # confirm it with one query, off this request
+    metrics.ack_seconds.observe(time.perf_counter() - started)
     log.info(
         "delivery",
         extra={

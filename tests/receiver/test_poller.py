@@ -71,6 +71,11 @@ def poller(tmp_path: Path, kling: FakeKling, ledger: Ledger, client: KlingClient
     return Poller(ledger, client, poll_settings(tmp_path, kling.base_url))
 
 
+def counted(poller: Poller, name: str, **labels: str) -> float | None:
+    """A sample of the poller's metrics, as /metrics would show it."""
+    return poller.metrics.registry.get_sample_value(name, labels)
+
+
 def callback(data: dict[str, Any], ext: str, *, confirm: bool = True) -> Update:
     """A delivery of `data` through the task's own callback URL."""
     return Update(
@@ -192,6 +197,9 @@ async def test_a_held_succeed_is_confirmed_by_one_verification_not_a_poll(
     }
     assert len(kling.queries(task_id)) == 1
     assert await ledger.claim_polls(16, 120) == []
+    assert counted(poller, "kling_receiver_verifications_total") == 1
+    assert counted(poller, "kling_receiver_polls_total", result="answered") == 1
+    assert counted(poller, "kling_receiver_recoveries_total", source="poll") == 0
 
 
 async def test_a_duplicated_succeed_does_not_put_off_its_confirmation(
@@ -285,6 +293,7 @@ async def test_a_query_kling_refuses_is_retried_later_with_the_reason_kept(
 
     task = await ledger.task("867000000000000001")
     assert task is not None and task.status_msg is not None and "1203" in task.status_msg
+    assert counted(poller, "kling_receiver_polls_total", result="failed") == 1
     await asyncio.sleep(0.25)  # POLL_INTERVAL
     assert [j.task_id for j in await ledger.claim_polls(16, 120)] == ["867000000000000001"]
 
@@ -363,3 +372,19 @@ async def test_a_poll_that_queues_files_wakes_the_downloads(
     (job,) = await ledger.claim_polls(16, 120)
     await poller.poll(job)
     assert len(woken) == 1
+
+
+async def test_an_end_learned_by_polling_counts_as_a_recovery(
+    kling: FakeKling, ledger: Ledger, poller: Poller
+) -> None:
+    """A tracked task that Kling says has succeeded was recovered by polling, once."""
+    fake_task = kling.add_task(T2V, status="processing")
+    kling.advance(fake_task.task_id, "succeed", urls=["https://cdn.example/r.mp4"])
+    await ledger.track(T2V, fake_task.task_id)
+    (job,) = await ledger.claim_polls(16, 120)
+
+    await poller.poll(job)
+
+    assert counted(poller, "kling_receiver_recoveries_total", source="poll") == 1
+    assert counted(poller, "kling_receiver_polls_total", result="answered") == 1
+    assert counted(poller, "kling_receiver_verifications_total") == 0

@@ -103,6 +103,10 @@ async def test_each_sweep_starts_where_the_last_ended_less_the_overlap(
     assert task is not None and task.status is TaskStatus.succeed
     assert task.terminal_source is Source.sweep
     assert len(task.assets) == 1
+    # Once, though listed twice: the second listing found it finished already.
+    recoveries = {"source": "sweep"}
+    registry = sweeper.metrics.registry
+    assert registry.get_sample_value("kling_receiver_recoveries_total", recoveries) == 1
 
 
 async def test_a_failed_sweep_leaves_its_window_to_the_next(

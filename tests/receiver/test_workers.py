@@ -189,6 +189,12 @@ async def test_server_errors_are_retried_until_stored(
     assert content(stored.location) == body
     assert stored.location == str(task_dir(settings, "t500") / "0.mp4")
     assert len(media.hits("/v.mp4")) == 4
+    registry = downloader.metrics.registry
+    for outcome, count in (("retry", 3), ("stored", 1), ("failed", 0)):
+        labels = {"outcome": outcome}
+        assert registry.get_sample_value("kling_receiver_downloads_total", labels) == count
+        assert registry.get_sample_value("kling_receiver_download_seconds_count", labels) == count
+    assert registry.get_sample_value("kling_receiver_downloaded_bytes_total") == len(body)
 
 
 async def test_not_found_fails_after_the_configured_tries(
@@ -210,6 +216,9 @@ async def test_not_found_fails_after_the_configured_tries(
     assert await ledger.claim_asset("anyone", 30) is None
     assert len(media.hits("/gone.mp4")) == 3
     assert files(task_dir(settings, "t404")) == []  # no file, no .part
+    registry = downloader.metrics.registry
+    assert registry.get_sample_value("kling_receiver_downloads_total", {"outcome": "failed"}) == 1
+    assert registry.get_sample_value("kling_receiver_downloaded_bytes_total") == 0
 
 
 async def test_retry_after_is_honoured(
