@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import inspect
 import json
 import time
 from collections.abc import Iterator
@@ -16,7 +18,8 @@ from starlette.testclient import TestClient
 from receiver import tokens
 from receiver.app import create_app
 from receiver.ledger import Backlog, LedgerUnavailable
-from receiver.metrics import Metrics, scrape
+from receiver.metrics import REFUSALS, Metrics, scrape
+from receiver.routes import callbacks
 from receiver.settings import Settings
 from tests.support import ADMIN_TOKEN, CALLBACK_SECRET, assert_error, fixture_bytes
 
@@ -155,3 +158,17 @@ def test_a_ledger_that_does_not_answer_leaves_its_gauges_out(ledger: Any) -> Non
     assert value(found, "kling_receiver_queued_assets", state="pending") is None
     assert value(found, "kling_receiver_storage_ready") == 0
     assert value(found, "kling_receiver_deliveries_total", outcome="moved") == 0
+
+
+def test_every_refusal_code_has_its_series_from_the_start() -> None:
+    """Each code the callback endpoint refuses with is a label shown at 0 before any refusal."""
+    tree = ast.parse(inspect.getsource(callbacks))
+    codes = {
+        call.args[3].value
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Name)
+        and call.func.id == "_refuse"
+        and isinstance(call.args[3], ast.Constant)
+    }
+    assert codes and codes == set(REFUSALS)
