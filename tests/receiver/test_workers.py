@@ -779,8 +779,15 @@ async def test_pool_waits_while_the_storage_cannot_take_files(
         sink.problem = None
         await until(_true_when(lambda: downloader.storage_problem is None))
         await until(_true_when(lambda: sink.checks >= 5))  # re-checked after the failure
-        failed = await asset(ledger, "tgate")
-        assert failed.state is AssetState.pending and "credentials refused" in (failed.error or "")
+
+        async def refused() -> bool:
+            # The check is asked for before the attempt is recorded: wait for the record.
+            failed = await asset(ledger, "tgate")
+            return failed.state is AssetState.pending and "credentials refused" in (
+                failed.error or ""
+            )
+
+        await until(refused)
 
         sink.refuse = False
         downloader.wake()
