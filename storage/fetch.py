@@ -35,7 +35,15 @@ from storage._errors import FetchError, NotMedia, TooLarge
 from storage.guard import Target, UrlPolicy
 from storage.sniff import HEAD_SIZE, KINDS, wrong_start, wrong_type
 
-__all__ = ["MAX_RETRY_AFTER", "READ_SIZE", "Fetched", "Limits", "Writer", "fetch"]
+__all__ = [
+    "MAX_RETRY_AFTER",
+    "READ_SIZE",
+    "Fetched",
+    "Limits",
+    "Writer",
+    "fetch",
+    "retry_after_seconds",
+]
 
 READ_SIZE = 1 << 20
 """What one read asks of the response: the size of the buffers writers lend."""
@@ -415,7 +423,7 @@ def _range_start(response: http.client.HTTPResponse) -> int | None:
 
 def _status_error(url: str, response: http.client.HTTPResponse) -> FetchError:
     status = response.status
-    retry_after = _retry_after(response.getheader("retry-after"))
+    retry_after = retry_after_seconds(response.getheader("retry-after"))
     reason = f"HTTP {status} {response.reason}".strip()
     if status in _TRANSIENT or status >= 500:
         return FetchError(url, reason, retry=True, status=status, retry_after=retry_after)
@@ -424,7 +432,7 @@ def _status_error(url: str, response: http.client.HTTPResponse) -> FetchError:
     return FetchError(url, reason, retry=False, status=status)
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
     """The seconds a Retry-After asks for, at most MAX_RETRY_AFTER; None if it cannot be read."""
     if value is None:
         return None

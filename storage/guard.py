@@ -91,6 +91,7 @@ class UrlPolicy:
 
     allow_private: bool = False
     allowed_hosts: tuple[str, ...] = ()
+    allow_setting: str = "ALLOW_PRIVATE_DOWNLOADS"  # what a refusal tells people to set
 
     def check_form(self, url: str) -> SplitResult:
         """The URL's parts, or `RefusedURL` for anything but plain http(s) to an allowed host."""
@@ -144,7 +145,7 @@ class UrlPolicy:
                 raise RefusedURL(
                     url,
                     f"host {host} resolves to {address}, which is not a public address "
-                    "(set ALLOW_PRIVATE_DOWNLOADS=true to allow it)",
+                    f"(set {self.allow_setting}=true to allow it)",
                 )
         unique = tuple(dict.fromkeys(str(a) for a in addresses))
         return Target(url, parts.scheme, host, port, unique)

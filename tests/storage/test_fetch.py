@@ -29,7 +29,7 @@ from storage import (
     UrlPolicy,
     fetch,
 )
-from storage.fetch import _retry_after
+from storage.fetch import retry_after_seconds
 from tests.media_server import (
     Cut,
     MediaServer,
@@ -258,7 +258,7 @@ def test_retry_after_is_capped_at_an_hour(
 @given(st.text(max_size=60))
 def test_retry_after_never_raises(value: str) -> None:
     """Whatever a Retry-After holds, it reads as None or 0 to an hour of seconds."""
-    seconds = _retry_after(value)
+    seconds = retry_after_seconds(value)
     assert seconds is None or 0.0 <= seconds <= MAX_RETRY_AFTER
 
 
