@@ -7,7 +7,7 @@ import math
 import time
 from datetime import datetime
 
-__all__ = ["epoch_now", "parse_time", "stamp", "utc_in", "utc_now"]
+__all__ = ["age_seconds", "epoch_now", "parse_time", "stamp", "utc_in", "utc_now"]
 
 
 def utc_now() -> str:
@@ -56,3 +56,14 @@ def _second(whole: int) -> str:
 def parse_time(text: str) -> datetime:
     """A time written by `utc_now` or `utc_in`, back as an aware datetime."""
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+_AGE_UNITS = {"d": 86400, "h": 3600, "m": 60}
+
+
+def age_seconds(text: str) -> int | None:
+    """Seconds in an age such as 30d, 12h or 90m; None when `text` is not one."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in _AGE_UNITS or not (number.isascii() and number.isdigit()) or len(number) > 6:
+        return None
+    return int(number) * _AGE_UNITS[unit]

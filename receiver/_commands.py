@@ -1,4 +1,5 @@
-"""The task commands of `kling-receiver`: submit, track, sweep, status, tasks, retry.
+"""The ledger commands of `kling-receiver`: submit, track, sweep, status, tasks, retry, and
+`events replay`.
 
 Each opens the same ledger (and Kling client) the service uses and calls the
 same code the API does; nothing here decides anything of its own.
@@ -10,21 +11,24 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from receiver._clock import age_seconds
 from receiver.database import open_ledger
+from receiver.documents import task_json
+from receiver.events import EVENT_TYPES, replay_request
 from receiver.kling import KlingClient, KlingError, client_for
 from receiver.ledger import Ledger
 from receiver.models import PayloadError, Source, TaskRecord, TaskStatus
 from receiver.poller import poll_after, update_from_reply
-from receiver.routes.api import task_json
 from receiver.settings import ConfigError, Settings
 from receiver.submit import SubmitError, submit
 from receiver.sweep import Tally, now_ms, sweep
 
-__all__ = ["add_task_commands"]
+__all__ = ["add_event_commands", "add_task_commands"]
 
 
 def add_task_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -77,6 +81,38 @@ def add_task_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
         "--force", action="store_true", help="also fetch stored assets again and compare hashes"
     )
     again.set_defaults(handler=_retry)
+
+
+def add_event_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    events = commands.add_parser("events", help="outbound events")
+    actions = events.add_subparsers(dest="events_command", required=True, metavar="ACTION")
+    again = actions.add_parser(
+        "replay", help="send past events again (new attempts, the same webhook-id)"
+    )
+    again.add_argument(
+        "--since",
+        required=True,
+        metavar="TIME",
+        help="events written since this time (2026-12-01T00:00:00Z) or age (30d, 12h, 90m)",
+    )
+    again.add_argument(
+        "--type", action="append", default=[], choices=EVENT_TYPES, help="only this type (repeat)"
+    )
+    again.add_argument("--endpoint", help="only to this one of EVENT_WEBHOOK_URLS")
+    again.set_defaults(handler=_replay)
+
+
+def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    asked = replay_request(
+        args.since, args.type, args.endpoint, settings.event_endpoints, time.time()
+    )
+
+    async def work(ledger: Ledger) -> int:
+        queued = await ledger.replay(asked.since, asked.types, asked.endpoint)
+        print(f"queued {queued} event deliveries written since {asked.since}")
+        return 0
+
+    return _run(settings, work)
 
 
 def _run(settings: Settings, work: Callable[[Ledger], Awaitable[int]]) -> int:
@@ -156,11 +192,10 @@ def _track(settings: Settings, args: argparse.Namespace) -> int:
 
 def _age(text: str) -> int:
     """Milliseconds in an age such as 30d, 12h or 90m."""
-    units = {"d": 86_400_000, "h": 3_600_000, "m": 60_000}
-    number, unit = text[:-1], text[-1:]
-    if unit not in units or not number.isdigit():
+    seconds = age_seconds(text)
+    if seconds is None:
         raise argparse.ArgumentTypeError(f"an age is a whole number and d, h or m: {text!r}")
-    return int(number) * units[unit]
+    return seconds * 1000
 
 
 def _sweep(settings: Settings, args: argparse.Namespace) -> int:

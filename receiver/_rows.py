@@ -23,6 +23,7 @@ from receiver.models import (
 
 __all__ = [
     "asset_job",
+    "asset_record",
     "event_record",
     "settled",
     "source",
@@ -60,24 +61,26 @@ def task_record(row: Row, assets: Iterable[Row]) -> TaskRecord:
         polls=row["polls"],
         flag=row["flag"],
         archived_at=row["archived_at"],
-        assets=tuple(
-            AssetRecord(
-                kind=AssetKind(asset["kind"]),
-                index=asset["idx"],
-                variant=asset["variant"],
-                group_id=asset["group_id"],
-                url=asset["url"],
-                state=AssetState(asset["state"]),
-                location=asset["location"],
-                sha256=asset["sha256"],
-                size=asset["size"],
-                content_type=asset["content_type"],
-                attempts=asset["attempts"],
-                error=asset["error"],
-                stored_at=asset["stored_at"],
-            )
-            for asset in assets
-        ),
+        assets=tuple(asset_record(asset) for asset in assets),
+    )
+
+
+def asset_record(asset: Row) -> AssetRecord:
+    """An asset as the API shows it, from its row."""
+    return AssetRecord(
+        kind=AssetKind(asset["kind"]),
+        index=asset["idx"],
+        variant=asset["variant"],
+        group_id=asset["group_id"],
+        url=asset["url"],
+        state=AssetState(asset["state"]),
+        location=asset["location"],
+        sha256=asset["sha256"],
+        size=asset["size"],
+        content_type=asset["content_type"],
+        attempts=asset["attempts"],
+        error=asset["error"],
+        stored_at=asset["stored_at"],
     )
 
 

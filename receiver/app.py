@@ -18,12 +18,13 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from receiver.database import open_ledger
+from receiver.dispatch import ExpiryWatch, dispatcher_for
 from receiver.kling import client_for
 from receiver.ledger import LedgerUnavailable
 from receiver.metrics import CONTENT_TYPE, Metrics, scrape
 from receiver.poller import Poller
-from receiver.routes import api, callbacks, files
-from receiver.routes._responses import error, http_error
+from receiver.routes import api, callbacks, events, files
+from receiver.routes._responses import BadQuery, bad_query, error, http_error
 from receiver.routes.api import AdminAuth
 from receiver.settings import Settings
 from receiver.stats import Stats
@@ -167,6 +168,14 @@ def create_app(settings: Settings) -> Starlette:
                         metrics=app.state.metrics,
                     )
                     background.append(group.create_task(sweeper.run(), name="sweep"))
+            # The web processes of a fleet share their settings: each start makes the
+            # endpoints in use the ones EVENT_WEBHOOK_URLS names.
+            await ledger.set_endpoints(settings.event_endpoints)
+            if settings.event_dispatch_concurrency:
+                dispatcher = dispatcher_for(settings, ledger, app.state.metrics)
+                background.append(group.create_task(dispatcher.run(), name="events"))
+            expiry = ExpiryWatch(ledger, settings.expiry_warn_days, app.state.metrics)
+            background.append(group.create_task(expiry.run(), name="expiry"))
             log.info(
                 "ready",
                 extra={
@@ -175,6 +184,7 @@ def create_app(settings: Settings) -> Starlette:
                     "polling": settings.kling_configured,
                     "sweep_interval": settings.sweep_interval if settings.kling_configured else 0,
                     "verify_callbacks": settings.verify,
+                    "event_endpoints": len(settings.event_endpoints),
                 },
             )
             yield
@@ -195,19 +205,21 @@ def create_app(settings: Settings) -> Starlette:
             *files.routes,
             Mount(
                 "/api",
-                routes=api.routes,
+                routes=[*api.routes, *events.routes],
                 middleware=[Middleware(AdminAuth, token=settings.secret("admin_token"))],
             ),
         ],
         middleware=[Middleware(FrontDoor, direct=callbacks.direct)],
         exception_handlers={
             HTTPException: http_error,
+            BadQuery: bad_query,
             LedgerUnavailable: ledger_unavailable,
             Exception: internal_error,
         },
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.stopping = asyncio.Event()  # set when the server begins to shut down
     app.state.stats = Stats()
     app.state.metrics = Metrics()
     secret = settings.kling_webhook_secret

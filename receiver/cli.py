@@ -13,7 +13,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from receiver import tokens
-from receiver._commands import add_task_commands
+from receiver._commands import add_event_commands, add_task_commands
 from receiver._files import keep_private
 from receiver._logging import configure_logging
 from receiver.settings import ConfigError, Settings, load_settings
@@ -75,7 +75,14 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
                 "callback URLs made by one are refused by another",
                 extra=extra,
             )
-    server = uvicorn.Server(server_config(create_app(settings), settings))
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            app.state.stopping.set()  # open event streams end, not hold the exit
+            await super().shutdown(sockets)
+
+    server = Server(server_config(app, settings))
     # After draining, uvicorn restores the previous handlers and raises the stop signal
     # again; without these, SIGTERM would end a clean shutdown with "killed by SIGTERM".
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
@@ -96,7 +103,9 @@ def worker(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _work(settings: Settings, concurrency: int | None) -> int:
     from receiver.database import open_ledger
+    from receiver.dispatch import dispatcher_for
     from receiver.ledger import LedgerUnavailable
+    from receiver.metrics import Metrics
     from receiver.workers import downloader_for
 
     stop = asyncio.Event()
@@ -115,11 +124,14 @@ async def _work(settings: Settings, concurrency: int | None) -> int:
             settings, ledger, concurrency or settings.download_concurrency or 4
         )
         log.info("workers started", extra={"concurrency": downloader.concurrency})
-        running = asyncio.create_task(downloader.run())
+        running = [asyncio.create_task(downloader.run())]
+        if settings.event_dispatch_concurrency:
+            # Workers send events too: more senders drain a backlog sooner.
+            running.append(asyncio.create_task(dispatcher_for(settings, ledger, Metrics()).run()))
         await stop.wait()
-        running.cancel()  # hands unfinished jobs back; their bytes stay for a resume
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
+        for task in running:
+            task.cancel()  # hands unfinished jobs back; their bytes stay for a resume
+        await asyncio.gather(*running, return_exceptions=True)
     log.info("workers stopped")
     return 0
 
@@ -152,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     work.set_defaults(handler=worker)
 
     add_task_commands(commands)
+    add_event_commands(commands)
 
     url = commands.add_parser(
         "callback-url", help="print a callback URL for a task submitted by hand"

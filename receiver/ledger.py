@@ -43,9 +43,14 @@ __all__ = [
     "AssetQueue",
     "AssetResult",
     "Backlog",
+    "DeliveryAttempt",
+    "DeliveryLog",
+    "EventDelivery",
+    "EventOutbox",
     "Ledger",
     "LedgerError",
     "LedgerUnavailable",
+    "OutboundEvent",
     "Outcome",
     "PollJob",
     "StateKey",
@@ -180,6 +185,54 @@ class TaskPage:
     next_cursor: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class OutboundEvent:
+    """An event in the outbox: its body is signed and sent as it was written, every time."""
+
+    id: int  # its place in the outbox: the stream's event id and the paging cursor
+    msg_id: str  # the `webhook-id`, the same for every attempt and replay
+    type: str
+    task_id: str | None
+    created_at: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EventDelivery:
+    """One event leased for sending to one endpoint."""
+
+    id: int
+    endpoint: str
+    attempts: int  # finished attempts before this one
+    event: OutboundEvent
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryAttempt:
+    """How one attempt to send an event went, and what becomes of its delivery.
+
+    `state` is `delivered`, `pending` (tried again at `retry_at`), `failed` (the
+    schedule ran out) or `gone` (the endpoint answered 410: it and its queue wait
+    until someone replays to it).
+    """
+
+    state: str
+    at: str
+    latency_ms: float
+    status: int | None = None  # the HTTP status, when one came
+    error: str | None = None
+    response: str | None = None  # the start of the answer's body
+    retry_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryLog:
+    """An event's deliveries, one per endpoint (and replay), each with its attempts."""
+
+    event: OutboundEvent
+    deliveries: list[dict[str, Any]]
+
+
 # Kling deletes a task's files this long after it created the task.
 KLING_KEEPS_SECONDS = 30 * 24 * 3600.0
 # What `Ledger.backlog` reads: the statuses of unfinished tasks, the states of unstored assets.
@@ -196,6 +249,8 @@ class Backlog:
     oldest_task_at: str | None  # when the oldest unfinished task was first recorded
     oldest_pending_at: str | None  # when the longest-queued pending or downloading asset was
     expires_at: float | None  # epoch seconds when the first unstored asset's file is deleted
+    undelivered_events: int = 0  # deliveries of outbound events still to be sent
+    oldest_undelivered_at: str | None = None  # when the oldest of them was written
 
 
 def backlog(
@@ -203,12 +258,14 @@ def backlog(
     assets: list[tuple[str, int, str]],
     kling_created_ms: int | None,
     created_at: str | None,
+    undelivered: tuple[int, str | None] = (0, None),
 ) -> Backlog:
     """A Backlog from what each backend's queries return, combined the same way for both.
 
     `tasks` and `assets` are (status or state, count, oldest created_at) rows; the expiry is
     counted from Kling's creation time, or from when the ledger first heard of the task if
     Kling never said (`created_at`: the oldest such task with an unstored asset).
+    `undelivered` is the count of event deliveries still to send and the oldest one's time.
     """
     queued = [oldest for state, _, oldest in assets if state != AssetState.failed]
     starts = []
@@ -223,6 +280,8 @@ def backlog(
         oldest_task_at=min((oldest for _, _, oldest in tasks), default=None),
         oldest_pending_at=min(queued, default=None),
         expires_at=min(starts) + KLING_KEEPS_SECONDS if starts else None,
+        undelivered_events=undelivered[0],
+        oldest_undelivered_at=undelivered[1],
     )
 
 
@@ -349,7 +408,57 @@ class AssetQueue(Protocol):
         ...
 
 
-class Ledger(AssetQueue, Protocol):
+class EventOutbox(Protocol):
+    """The outbox of signed events: written with the changes that cause them, sent by leases.
+
+    Every ledger change that publishes an event (`receiver.events`) writes it in the same
+    transaction, with one delivery for each endpoint `set_endpoints` named; dispatchers
+    lease deliveries, at most one at a time for each task and endpoint, oldest first.
+    """
+
+    async def set_endpoints(self, urls: list[str]) -> None:
+        """The endpoints events go to from now on; deliveries to dropped ones stay untouched."""
+        ...
+
+    async def claim_deliveries(
+        self, owner: str, lease_seconds: float, limit: int
+    ) -> list[EventDelivery]:
+        """Lease deliveries that are due, each the oldest unsent one of its task and endpoint."""
+        ...
+
+    async def settle_delivery(self, delivery_id: int, owner: str, attempt: DeliveryAttempt) -> bool:
+        """Log an attempt and move its delivery on; False (nothing logged) without the lease."""
+        ...
+
+    async def outbound_events(
+        self,
+        *,
+        after: int | None = None,
+        before: int | None = None,
+        type: str | None = None,
+        task_id: str | None = None,
+        limit: int = 50,
+    ) -> list[OutboundEvent]:
+        """Events oldest first after `after`, else newest first below `before` (a page)."""
+        ...
+
+    async def delivery_log(self, msg_id: str) -> DeliveryLog | None:
+        """An event with its deliveries and their attempts; None for an unknown event."""
+        ...
+
+    async def replay(self, since: str, types: list[str], endpoint: str | None) -> int:
+        """Send again events written since `since` (of `types`, when given) to `endpoint` (or
+        every endpoint): new deliveries, same `webhook-id`. Replaying to an endpoint that
+        answered 410 takes it back. Returns the deliveries queued."""
+        ...
+
+    async def warn_expiring(self, created_before: float, limit: int) -> int:
+        """Raise `asset.expiring` once for each unstored asset whose task Kling created
+        before `created_before` (epoch seconds); returns how many were raised."""
+        ...
+
+
+class Ledger(AssetQueue, EventOutbox, Protocol):
     """What the web app, poller and commands need from the database (workers need less)."""
 
     async def apply(self, update: Update) -> Applied:

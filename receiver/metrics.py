@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from receiver._clock import parse_time
 from receiver.ledger import Backlog, Ledger, LedgerUnavailable, Outcome
 
-__all__ = ["CONTENT_TYPE", "Metrics", "scrape"]
+__all__ = ["CONTENT_TYPE", "EVENT_OUTCOMES", "Metrics", "scrape"]
 
 log = logging.getLogger("receiver.metrics")
 
@@ -40,6 +40,8 @@ REFUSALS = (
     "bad_shape",
     "wrong_task",
 )
+# How an attempt to send an outbound event ends (`receiver.dispatch`).
+EVENT_OUTCOMES = ("delivered", "retry", "failed", "gone")
 # Acknowledging a delivery takes milliseconds; anything near a second is trouble.
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # A download runs from a fraction of a second to the 10 minutes of a large video.
@@ -116,6 +118,23 @@ class Metrics:
             buckets=DOWNLOAD_BUCKETS,
             registry=registry,
         )
+        self.events = Counter(
+            f"{PREFIX}_event_attempts",
+            "Attempts to send an outbound event, by outcome (delivered, retry, failed, gone).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.event_seconds = Histogram(
+            f"{PREFIX}_event_attempt_seconds",
+            "Duration of attempts to send an outbound event.",
+            buckets=(*ACK_BUCKETS, 15.0),
+            registry=registry,
+        )
+        self.expiry_warnings = Counter(
+            f"{PREFIX}_expiry_warnings",
+            "Files found not stored EXPIRY_WARN_DAYS after their task began (asset.expiring).",
+            registry=registry,
+        )
         # Every label value known in advance is shown from the start, at 0, so a rate over
         # an outcome never begins with a missing series; the children of the delivery path
         # are looked up once here rather than on each delivery.
@@ -133,6 +152,8 @@ class Metrics:
         for outcome in ("stored", "retry", "failed"):
             self.downloads.labels(outcome)
             self.download_seconds.labels(outcome)
+        for outcome in EVENT_OUTCOMES:
+            self.events.labels(outcome)
 
 
 class _Gauges(Collector):
@@ -207,6 +228,16 @@ def _backlog_families(backlog: Backlog, now: float) -> Iterator[Metric]:
         "oldest_pending_asset_age_seconds",
         "How long the longest-queued file has waited to be stored (0 when none waits).",
         _age(backlog.oldest_pending_at, now),
+    )
+    yield _gauge(
+        "undelivered_events",
+        "Deliveries of outbound events still to be sent, to endpoints in use.",
+        backlog.undelivered_events,
+    )
+    yield _gauge(
+        "oldest_undelivered_event_age_seconds",
+        "Age of the oldest outbound event not delivered yet (0 when none waits).",
+        _age(backlog.oldest_undelivered_at, now),
     )
     if backlog.expires_at is not None:
         yield _gauge(

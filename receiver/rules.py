@@ -31,12 +31,16 @@ from receiver.models import AssetSpec, AssetState, KlingTask, PayloadError, Sour
 from receiver.shapes import parse_task
 
 __all__ = [
+    "AssetExpiring",
+    "AssetFailed",
+    "AssetStored",
     "AssetsQueued",
     "DomainEvent",
     "EventRow",
     "Known",
     "Plan",
     "SucceedHeld",
+    "TaskArchived",
     "TaskFailed",
     "TaskFlagged",
     "TaskRow",
@@ -49,6 +53,7 @@ __all__ = [
     "encode_cursor",
     "in_flight",
     "requeued",
+    "settled",
 ]
 
 _T = TypeVar("_T")
@@ -147,6 +152,37 @@ class TaskFlagged:
 
 
 @dataclass(frozen=True, slots=True)
+class AssetStored:
+    """A file is stored and verified."""
+
+    task_id: str
+    asset_pk: int
+
+
+@dataclass(frozen=True, slots=True)
+class AssetFailed:
+    """A file's download gave up."""
+
+    task_id: str
+    asset_pk: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskArchived:
+    """Every file of a task is stored."""
+
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AssetExpiring:
+    """A file not stored yet nears the day Kling deletes it."""
+
+    task_id: str
+    asset_pk: int
+
+
+@dataclass(frozen=True, slots=True)
 class AssetsQueued:
     """A first succeed named files to download (a file already begun is kept as it is)."""
 
@@ -154,7 +190,17 @@ class AssetsQueued:
     count: int
 
 
-DomainEvent = TaskStatusChanged | TaskFailed | SucceedHeld | TaskFlagged | AssetsQueued
+DomainEvent = (
+    TaskStatusChanged
+    | TaskFailed
+    | SucceedHeld
+    | TaskFlagged
+    | AssetsQueued
+    | AssetStored
+    | AssetFailed
+    | TaskArchived
+    | AssetExpiring
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,6 +531,22 @@ def archived(files: Iterable[AssetState]) -> bool:
     """Whether a task with these files counts as archived: it has some, and all are stored."""
     states = list(files)
     return bool(states) and all(state is AssetState.stored for state in states)
+
+
+def settled(
+    task_id: str, asset_pk: int, state: AssetState, *, archived_now: bool
+) -> tuple[DomainEvent, ...]:
+    """The domain events of a download attempt that ended in `state`.
+
+    `archived_now` says the backend, applying `archived` to the task's files after this
+    one, found the task archived and it was not before.
+    """
+    if state is AssetState.failed:
+        return (AssetFailed(task_id, asset_pk),)
+    if state is not AssetState.stored:
+        return ()  # queued again: nothing happened yet
+    stored = AssetStored(task_id, asset_pk)
+    return (stored, TaskArchived(task_id)) if archived_now else (stored,)
 
 
 def requeued(state: AssetState, *, force: bool) -> bool:

@@ -1,12 +1,13 @@
 """Every tunable of the service, read once from the environment and `.env`.
 
 `load_settings()` is the only way in: it validates, fills derived defaults and,
-when `CALLBACK_SECRET` or `ADMIN_TOKEN` is unset, takes them from a 0600 file in
-the data directory (generating them on the first start).
+when `CALLBACK_SECRET`, `ADMIN_TOKEN` or `EVENT_WEBHOOK_SECRET` is unset, takes them
+from a 0600 file in the data directory (generating them on the first start).
 """
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -31,7 +32,14 @@ from receiver.webhooks import decode_secrets
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
 SECRETS_FILENAME = "secrets.json"
-GENERATED_SECRETS = ("callback_secret", "admin_token")
+GENERATED_SECRETS = ("callback_secret", "admin_token", "event_webhook_secret")
+
+
+def _generated(name: str) -> str:
+    """A new value of a generated secret: a Standard Webhooks `whsec_` key to sign events."""
+    if name == "event_webhook_secret":
+        return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    return secrets.token_urlsafe(32)
 
 
 class ConfigError(Exception):
@@ -99,6 +107,11 @@ class Settings(BaseSettings):
     kling_retry_base_seconds: float = Field(default=1.0, ge=0)
     archive_watermarked: bool = False
     sweep_interval: float = Field(default=3600.0, ge=0)
+    event_webhook_urls: str = ""
+    event_webhook_secret: SecretStr | None = None
+    allow_private_event_urls: bool = False
+    event_dispatch_concurrency: int = Field(default=4, ge=0, le=64)
+    expiry_warn_days: float = Field(default=25.0, gt=0, le=30)
     log_level: str = "INFO"
 
     # Names of the secrets that came from the generated file rather than the environment.
@@ -126,13 +139,27 @@ class Settings(BaseSettings):
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
         return None if text is None or not text.strip() else value
 
-    @field_validator("kling_webhook_secret")
+    @field_validator("kling_webhook_secret", "event_webhook_secret")
     @classmethod
     def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
         """Every secret of a rotation must decode now, not at the first signed delivery."""
         if value is None or not value.get_secret_value():
             return None
         decode_secrets(value.get_secret_value())
+        return value
+
+    @field_validator("event_webhook_urls")
+    @classmethod
+    def _event_urls(cls, value: str) -> str:
+        for url in _split(value):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{redact_url(url)!r} is not an http(s) URL with a host")
+            if parts.username is not None or parts.password is not None:
+                raise ValueError(
+                    "an endpoint URL may not hold credentials: events are signed with "
+                    "EVENT_WEBHOOK_SECRET, or put a token in the path"
+                )
         return value
 
     @field_validator("log_level")
@@ -190,6 +217,11 @@ class Settings(BaseSettings):
         return tuple(host for host in hosts if host)
 
     @property
+    def event_endpoints(self) -> list[str]:
+        """EVENT_WEBHOOK_URLS, in order, each once."""
+        return list(dict.fromkeys(_split(self.event_webhook_urls)))
+
+    @property
     def aws_region_name(self) -> str:
         """AWS_REGION, else AWS_DEFAULT_REGION, else us-east-1."""
         return self.aws_region or self.aws_default_region or "us-east-1"
@@ -230,6 +262,10 @@ def load_settings(**overrides: Any) -> Settings:
     return completed
 
 
+def _split(urls: str) -> list[str]:
+    return [url.strip() for url in urls.split(",") if url.strip()]
+
+
 def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
@@ -261,7 +297,7 @@ def _stored_secrets(data_dir: Path, names: list[str]) -> dict[str, str]:
                 raise ValueError(f"{path} must hold a JSON object")
             wanted = [name for name in names if not values.get(name)]
             if wanted:
-                values.update({name: secrets.token_urlsafe(32) for name in wanted})
+                values.update({name: _generated(name) for name in wanted})
                 tmp = path.with_suffix(".tmp")
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "w") as out:

@@ -22,6 +22,8 @@ from receiver.settings import Settings, load_settings
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "kling"
 CALLBACK_SECRET = "test-callback-secret-0123456789abcdef"
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+# base64 of "test-event-webhook-secret-0123456": a Standard Webhooks key.
+EVENT_WEBHOOK_SECRET = "whsec_dGVzdC1ldmVudC13ZWJob29rLXNlY3JldC0wMTIzNDU2"
 KLING_API_KEY = "test-kling-api-key-0123456789"
 
 
@@ -43,6 +45,7 @@ def app_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "download_concurrency": 0,
         "callback_secret": CALLBACK_SECRET,
         "admin_token": ADMIN_TOKEN,
+        "event_webhook_secret": EVENT_WEBHOOK_SECRET,
     }
     return load_settings(_env_file=None, **(values | overrides))
 
@@ -65,7 +68,7 @@ class Service:
         secrets_in_env: bool = True,
         rlimits: dict[int, int] | None = None,
     ) -> None:
-        """With `secrets_in_env=False` the service generates CALLBACK_SECRET and ADMIN_TOKEN.
+        """With `secrets_in_env=False` the service generates its secrets (`GENERATED_SECRETS`).
 
         `rlimits` ({resource.RLIMIT_FSIZE: bytes, ...}) are set in `serve` before it starts;
         change the attribute between `stop()` and `start()` to start it with other limits.
@@ -109,7 +112,8 @@ class Service:
         inherited = {
             key: value
             for key, value in os.environ.items()
-            if not key.endswith("_PROXY") and key not in ("CALLBACK_SECRET", "ADMIN_TOKEN")
+            if not key.endswith("_PROXY")
+            and key not in ("CALLBACK_SECRET", "ADMIN_TOKEN", "EVENT_WEBHOOK_SECRET")
         }
         env = inherited | {
             "HOST": "127.0.0.1",
@@ -119,7 +123,11 @@ class Service:
             "DOWNLOAD_CONCURRENCY": "0",  # tests that download turn workers on themselves
         }
         if self.secrets_in_env:
-            env |= {"CALLBACK_SECRET": CALLBACK_SECRET, "ADMIN_TOKEN": ADMIN_TOKEN}
+            env |= {
+                "CALLBACK_SECRET": CALLBACK_SECRET,
+                "ADMIN_TOKEN": ADMIN_TOKEN,
+                "EVENT_WEBHOOK_SECRET": EVENT_WEBHOOK_SECRET,
+            }
         return env | self.extra_env
 
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,7 @@ from psycopg.rows import dict_row
 
 from receiver import _rows
 from receiver._clock import utc_in, utc_now
-from receiver._postgres import tasks, text
+from receiver._postgres import outbox, tasks, text
 from receiver._postgres.schema import MIGRATIONS, migrate
 from receiver.ledger import (
     UNFINISHED_STATUSES,
@@ -32,7 +32,11 @@ from receiver.ledger import (
     AssetJob,
     AssetResult,
     Backlog,
+    DeliveryAttempt,
+    DeliveryLog,
+    EventDelivery,
     LedgerUnavailable,
+    OutboundEvent,
     PollJob,
     Submission,
     TaskPage,
@@ -42,6 +46,7 @@ from receiver.ledger import (
 from receiver.models import AssetState, EventRecord, TaskRecord, TaskStatus
 from receiver.rules import archived as all_stored
 from receiver.rules import decode_cursor, encode_cursor, requeued
+from receiver.rules import settled as settled_events
 
 __all__ = ["MIGRATIONS", "PostgresLedger"]
 
@@ -264,7 +269,8 @@ class PostgresLedger:
             # The task's row is locked first: two workers storing a task's last two files
             # then decide one after the other, and the second sees the first's file stored.
             cur = await conn.execute(
-                """SELECT tasks.id FROM tasks JOIN assets ON assets.task_pk = tasks.id
+                """SELECT tasks.id, tasks.task_id, tasks.archived_at
+                   FROM tasks JOIN assets ON assets.task_pk = tasks.id
                    WHERE assets.id = %s FOR UPDATE OF tasks""",
                 (asset_id,),
             )
@@ -284,15 +290,21 @@ class PostgresLedger:
             )
             if cur.rowcount != 1:
                 return False
-            if result.state is AssetState.stored:
+            archived_now = False
+            if result.state is AssetState.stored and task["archived_at"] is None:
                 cur = await conn.execute(
                     "SELECT state FROM assets WHERE task_pk = %s", (task["id"],)
                 )
                 if all_stored(AssetState(row["state"]) for row in await cur.fetchall()):
                     await conn.execute(
-                        "UPDATE tasks SET archived_at = coalesce(archived_at, %s) WHERE id = %s",
-                        (now, task["id"]),
+                        "UPDATE tasks SET archived_at = %s WHERE id = %s", (now, task["id"])
                     )
+                    archived_now = True
+            if result.state is not AssetState.pending:
+                happened = settled_events(
+                    task["task_id"], asset_id, result.state, archived_now=archived_now
+                )
+                await outbox.record(conn, happened, now)
             return True
 
         return await self._run(op)
@@ -538,9 +550,47 @@ class PostgresLedger:
             )
             row = await cur.fetchone()
             assert row is not None
-            return backlog(tasks, assets, row["kling_created"], row["created"])
+            undelivered = await outbox.undelivered(conn)
+            return backlog(tasks, assets, row["kling_created"], row["created"], undelivered)
 
         return await self._run(op)
+
+    # -- outbound events -------------------------------------------------------------
+
+    async def set_endpoints(self, urls: list[str]) -> None:
+        await self._run(lambda conn: outbox.set_endpoints(conn, urls))
+
+    async def claim_deliveries(
+        self, owner: str, lease_seconds: float, limit: int
+    ) -> list[EventDelivery]:
+        return await self._run(lambda conn: outbox.claim(conn, owner, lease_seconds, limit))
+
+    async def settle_delivery(self, delivery_id: int, owner: str, attempt: DeliveryAttempt) -> bool:
+        return await self._run(lambda conn: outbox.settle(conn, delivery_id, owner, attempt))
+
+    async def outbound_events(
+        self,
+        *,
+        after: int | None = None,
+        before: int | None = None,
+        type: str | None = None,
+        task_id: str | None = None,
+        limit: int = 50,
+    ) -> list[OutboundEvent]:
+        return await self._run(
+            lambda conn: outbox.events(
+                conn, after=after, before=before, type=type, task_id=task_id, limit=limit
+            )
+        )
+
+    async def delivery_log(self, msg_id: str) -> DeliveryLog | None:
+        return await self._run(lambda conn: outbox.delivery_log(conn, msg_id))
+
+    async def replay(self, since: str, types: list[str], endpoint: str | None) -> int:
+        return await self._run(lambda conn: outbox.replay(conn, since, types, endpoint))
+
+    async def warn_expiring(self, created_before: float, limit: int) -> int:
+        return await self._run(lambda conn: outbox.warn_expiring(conn, created_before, limit))
 
     async def stats(self) -> dict[str, int]:
         async def op(conn: Conn) -> dict[str, int]:

@@ -21,6 +21,7 @@ import psycopg
 
 from receiver import _rows
 from receiver._clock import epoch_now
+from receiver._postgres import outbox
 from receiver.ledger import Applied, Outcome, Update
 from receiver.models import (
     AssetState,
@@ -166,11 +167,8 @@ async def apply(conn: Conn, update: Update) -> Applied:
     if plan.row is not None and (target is not None or plan.outcome is Outcome.duplicate):
         if target is None or _values(plan.row) != _values(target):
             await conn.execute(_UPDATE_TASK, (*_values(plan.row), pk))
-    if plan.outcome is not Outcome.moved:
-        return Applied(plan.outcome, plan.status)
-
     created = 0
-    for spec in plan.assets:
+    for spec in plan.assets if plan.outcome is Outcome.moved else ():
         cur = await conn.execute(
             _INSERT_ASSET,
             (
@@ -187,7 +185,9 @@ async def apply(conn: Conn, update: Update) -> Applied:
             ),
         )
         created += max(cur.rowcount, 0)
-    return Applied(Outcome.moved, plan.status, assets_created=created)
+    if plan.happened:
+        await outbox.record(conn, plan.happened, now)
+    return Applied(plan.outcome, plan.status, assets_created=created)
 
 
 async def _fetch_row(conn: Conn, query: str, key: str) -> TaskRow | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from receiver import _rows
 from receiver._clock import utc_in, utc_now
-from receiver._sqlite import assets, polls, tasks
+from receiver._sqlite import assets, outbox, polls, tasks
 from receiver._sqlite.engine import Engine
 from receiver._sqlite.schema import MIGRATIONS
 from receiver.ledger import (
@@ -19,7 +19,11 @@ from receiver.ledger import (
     AssetJob,
     AssetResult,
     Backlog,
+    DeliveryAttempt,
+    DeliveryLog,
+    EventDelivery,
     LedgerUnavailable,
+    OutboundEvent,
     PollJob,
     Submission,
     TaskPage,
@@ -190,6 +194,45 @@ class SQLiteLedger(Engine):
 
     async def backlog(self) -> Backlog:
         return await self.read(polls.backlog_of)
+
+    # -- outbound events -------------------------------------------------------------
+
+    async def set_endpoints(self, urls: list[str]) -> None:
+        # Read first: a start that changes nothing writes nothing.
+        if await self.read(outbox.active_endpoints) != set(urls):
+            await self.write(lambda conn: outbox.set_endpoints(conn, urls))
+
+    async def claim_deliveries(
+        self, owner: str, lease_seconds: float, limit: int
+    ) -> list[EventDelivery]:
+        return await self.write(lambda conn: outbox.claim(conn, owner, lease_seconds, limit))
+
+    async def settle_delivery(self, delivery_id: int, owner: str, attempt: DeliveryAttempt) -> bool:
+        return await self.write(lambda conn: outbox.settle(conn, delivery_id, owner, attempt))
+
+    async def outbound_events(
+        self,
+        *,
+        after: int | None = None,
+        before: int | None = None,
+        type: str | None = None,
+        task_id: str | None = None,
+        limit: int = 50,
+    ) -> list[OutboundEvent]:
+        return await self.read(
+            lambda conn: outbox.events(
+                conn, after=after, before=before, type=type, task_id=task_id, limit=limit
+            )
+        )
+
+    async def delivery_log(self, msg_id: str) -> DeliveryLog | None:
+        return await self.read(lambda conn: outbox.delivery_log(conn, msg_id))
+
+    async def replay(self, since: str, types: list[str], endpoint: str | None) -> int:
+        return await self.write(lambda conn: outbox.replay(conn, since, types, endpoint))
+
+    async def warn_expiring(self, created_before: float, limit: int) -> int:
+        return await self.write(lambda conn: outbox.warn_expiring(conn, created_before, limit))
 
     async def stats(self) -> dict[str, int]:
         return await self.read(polls.stats)

@@ -6,8 +6,10 @@ import sqlite3
 
 from receiver import _rows
 from receiver._clock import utc_in, utc_now
+from receiver._sqlite import outbox
 from receiver.ledger import AssetJob, AssetResult
 from receiver.models import AssetState
+from receiver.rules import settled as settled_events
 
 __all__ = ["claim", "settle"]
 
@@ -64,13 +66,24 @@ def settle(conn: sqlite3.Connection, asset_id: int, owner: str, result: AssetRes
     )
     if settled.rowcount != 1:
         return False
+    archived_now = False
     if result.state is AssetState.stored:
         # The task is archived once every file is stored (`rules.archived`).
-        conn.execute(
-            """UPDATE tasks SET archived_at = coalesce(archived_at, ?)
-               WHERE id = (SELECT task_pk FROM assets WHERE id = ?)
+        archived_now = (
+            1
+            == conn.execute(
+                """UPDATE tasks SET archived_at = ?
+               WHERE id = (SELECT task_pk FROM assets WHERE id = ?) AND archived_at IS NULL
                  AND NOT EXISTS (SELECT 1 FROM assets AS other
                                  WHERE other.task_pk = tasks.id AND other.state != 'stored')""",
-            (now, asset_id),
+                (now, asset_id),
+            ).rowcount
         )
+    if result.state is not AssetState.pending:
+        task_id = conn.execute(
+            "SELECT task_id FROM tasks WHERE id = (SELECT task_pk FROM assets WHERE id = ?)",
+            (asset_id,),
+        ).fetchone()[0]
+        happened = settled_events(task_id, asset_id, result.state, archived_now=archived_now)
+        outbox.record(conn, happened, now)
     return True

@@ -8,6 +8,7 @@ from typing import Any
 
 from receiver import _rows
 from receiver._clock import utc_in, utc_now
+from receiver._sqlite import outbox
 from receiver.ledger import (
     UNFINISHED_STATUSES,
     UNSTORED_STATES,
@@ -193,5 +194,9 @@ def backlog_of(conn: sqlite3.Connection) -> Backlog:
         states,
     ).fetchone()
     return backlog(
-        [tuple(row) for row in tasks], [tuple(row) for row in assets], expiry[0], expiry[1]
+        [tuple(row) for row in tasks],
+        [tuple(row) for row in assets],
+        expiry[0],
+        expiry[1],
+        outbox.undelivered(conn),
     )

@@ -141,6 +141,58 @@ MIGRATIONS: list[list[str]] = [
             until TEXT NOT NULL
         )""",
     ],
+    [
+        # Outbound events: the outbox, one delivery per event and endpoint, each attempt's log.
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            msg_id TEXT NOT NULL UNIQUE,
+            type TEXT NOT NULL,
+            task_id TEXT,
+            body BLOB NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX outbox_task ON outbox (task_id, id)",
+        "CREATE INDEX outbox_created ON outbox (created_at)",
+        """CREATE TABLE event_endpoints (
+            url TEXT PRIMARY KEY,
+            active INTEGER NOT NULL,
+            gone_at TEXT,
+            added_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE event_deliveries (
+            id INTEGER PRIMARY KEY,
+            event_pk INTEGER NOT NULL REFERENCES outbox (id),
+            endpoint TEXT NOT NULL,
+            task_id TEXT,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TEXT NOT NULL,
+            lease_owner TEXT,
+            lease_expires_at TEXT,
+            last_status INTEGER,
+            last_error TEXT,
+            delivered_at TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX event_deliveries_due ON event_deliveries (state, next_attempt_at)",
+        "CREATE INDEX event_deliveries_event ON event_deliveries (event_pk)",
+        # What keeps one task's events in order at an endpoint: the unsent ones before this.
+        """CREATE INDEX event_deliveries_order ON event_deliveries (endpoint, task_id, event_pk)
+           WHERE state = 'pending'""",
+        """CREATE TABLE event_attempts (
+            id INTEGER PRIMARY KEY,
+            delivery_pk INTEGER NOT NULL REFERENCES event_deliveries (id),
+            at TEXT NOT NULL,
+            status INTEGER,
+            latency_ms REAL NOT NULL,
+            error TEXT,
+            response TEXT
+        )""",
+        "CREATE INDEX event_attempts_delivery ON event_attempts (delivery_pk)",
+        # asset.expiring is raised once per file.
+        "ALTER TABLE assets ADD COLUMN expiry_warned_at TEXT",
+    ],
 ]
 
 

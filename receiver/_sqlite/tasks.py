@@ -9,6 +9,7 @@ from typing import Any
 
 from receiver import _rows
 from receiver._clock import epoch_now
+from receiver._sqlite import outbox
 from receiver.ledger import Applied, Outcome, Update
 from receiver.models import (
     AssetState,
@@ -163,11 +164,8 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
     # (a new task's row is written again only if ids were reused)
     if plan.row is not None and (target is not None or plan.outcome is Outcome.duplicate):
         _write_task(cur, pk, stored, _values(plan.row), task.created_at)
-    if plan.outcome is not Outcome.moved:
-        return Applied(plan.outcome, plan.status)
-
     created = 0
-    for spec in plan.assets:
+    for spec in plan.assets if plan.outcome is Outcome.moved else ():
         created += cur.execute(
             _INSERT_ASSET,
             (
@@ -183,7 +181,9 @@ def apply(conn: sqlite3.Connection, update: Update) -> Applied:
                 now,
             ),
         ).rowcount
-    return Applied(Outcome.moved, plan.status, assets_created=created)
+    if plan.happened:
+        outbox.record(conn, plan.happened, now)
+    return Applied(plan.outcome, plan.status, assets_created=created)
 
 
 def _holding(

@@ -10,7 +10,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-__all__ = ["JSON", "error", "http_error"]
+__all__ = ["JSON", "MAX_PAGE", "BadQuery", "bad_query", "error", "http_error", "page_limit"]
+
+MAX_PAGE = 200  # items in one page of a list
 
 # What JSONResponse.render's json.dumps(...) builds on every call, built once.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -40,3 +42,20 @@ async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code, message = _MESSAGES.get(exc.status_code, ("http_error", str(exc.detail)))
     return error(exc.status_code, code, message, headers=exc.headers)
+
+
+class BadQuery(ValueError):
+    """A query parameter that cannot be used: answered 400 `bad_query` with this message."""
+
+
+async def bad_query(request: Request, exc: Exception) -> Response:
+    return error(400, "bad_query", str(exc))
+
+
+def page_limit(query: Mapping[str, str], default: int = 50) -> int:
+    """The `limit` of a list request: 1 to MAX_PAGE items."""
+    text = query.get("limit") or str(default)
+    # isdigit() alone accepts "²", which int() refuses.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PAGE:
+        raise BadQuery(f"limit must be a whole number from 1 to {MAX_PAGE}.")
+    return int(text)

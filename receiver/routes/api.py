@@ -13,15 +13,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from receiver._clock import utc_in
+from receiver.documents import task_json
 from receiver.ledger import Ledger
 from receiver.links import file_link
 from receiver.models import AssetRecord, AssetState, EventRecord, TaskRecord, TaskStatus
-from receiver.routes._responses import error
+from receiver.routes._responses import error, page_limit
 from receiver.submit import SubmitError, submit
 
 __all__ = ["AdminAuth", "routes", "task_json"]
-
-MAX_PAGE = 200
 
 
 class AdminAuth:
@@ -47,44 +46,6 @@ class AdminAuth:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-def asset_json(asset: AssetRecord) -> dict[str, Any]:
-    return {
-        "kind": asset.kind,
-        "index": asset.index,
-        "variant": asset.variant,
-        "group_id": asset.group_id,
-        "url": asset.url,
-        "state": asset.state,
-        "location": asset.location,
-        "sha256": asset.sha256,
-        "size": asset.size,
-        "content_type": asset.content_type,
-        "attempts": asset.attempts,
-        "error": asset.error,
-        "stored_at": asset.stored_at,
-    }
-
-
-def task_json(task: TaskRecord) -> dict[str, Any]:
-    return {
-        "task_id": task.task_id,
-        "action": task.action,
-        "status": task.status,
-        "status_msg": task.status_msg,
-        "external_task_id": task.external_task_id,
-        "created_at": task.created_at,
-        "updated_at": task.updated_at,
-        "kling_updated_at": task.kling_updated_at,
-        "learned_from": task.terminal_source,
-        "updates": task.updates,
-        "polls": task.polls,
-        "flag": task.flag,
-        "archived": task.archived,
-        "archived_at": task.archived_at,
-        "assets": [asset_json(asset) for asset in task.assets],
-    }
 
 
 def event_json(event: EventRecord) -> dict[str, Any]:
@@ -136,15 +97,12 @@ async def list_tasks(request: Request) -> Response:
     archived = query.get("archived")
     if archived not in (None, "", "true", "false"):
         return error(400, "bad_query", "archived must be true or false.")
-    limit_text = query.get("limit") or "50"
-    # isdigit() alone accepts "²", which int() refuses.
-    if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= MAX_PAGE:
-        return error(400, "bad_query", f"limit must be a whole number from 1 to {MAX_PAGE}.")
+    limit = page_limit(query)
     try:
         page = await _ledger(request).tasks(
             status=status,
             archived=None if not archived else archived == "true",
-            limit=int(limit_text),
+            limit=limit,
             cursor=query.get("cursor") or None,
         )
     except ValueError as exc:

@@ -422,7 +422,7 @@ def test_generated_secrets_on_a_shared_database_are_warned_of(
         e for e in service.log_entries() if e["message"].startswith("secrets generated on a shared")
     ]
     assert warning["level"] == "warning"
-    assert sorted(warning["names"]) == ["ADMIN_TOKEN", "CALLBACK_SECRET"]
+    assert sorted(warning["names"]) == ["ADMIN_TOKEN", "CALLBACK_SECRET", "EVENT_WEBHOOK_SECRET"]
 
 
 def test_generated_secrets_are_kept_private_and_reused(spawn: Callable[..., Service]) -> None:
@@ -435,9 +435,10 @@ def test_generated_secrets_are_kept_private_and_reused(spawn: Callable[..., Serv
     generated = json.loads(service.secrets_path.read_text())
     assert generated["callback_secret"] not in (CALLBACK_SECRET, "")
     assert generated["admin_token"] not in (ADMIN_TOKEN, "")
+    assert generated["event_webhook_secret"].startswith("whsec_")
     notes = [e for e in service.log_entries() if e["message"] == "using generated secrets"]
     assert notes and notes[0]["file"] == str(service.secrets_path.resolve())
-    assert sorted(notes[0]["names"]) == ["ADMIN_TOKEN", "CALLBACK_SECRET"]
+    assert sorted(notes[0]["names"]) == ["ADMIN_TOKEN", "CALLBACK_SECRET", "EVENT_WEBHOOK_SECRET"]
     assert "secrets generated on a shared database" not in service.log()  # SQLite: one machine
 
     token = {"Authorization": f"Bearer {generated['admin_token']}"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -14,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from receiver.settings import ConfigError, Settings, load_settings
+from receiver.webhooks import decode_secret
 
 SETTING_NAMES = [name.upper() for name in Settings.model_fields]
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(bytes(range(24))).decode()
+EVENT_SECRET = "whsec_" + base64.b64encode(bytes(range(24, 56))).decode()
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +73,11 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         "KLING_ACCESS_KEY": "env-access-key",
         "KLING_SECRET_KEY": "env-secret-key",
         "KLING_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "EVENT_WEBHOOK_SECRET": EVENT_SECRET,
+        "EVENT_WEBHOOK_URLS": "https://a.example/hook, https://b.example/x?k=1,https://a.example/hook",
+        "ALLOW_PRIVATE_EVENT_URLS": "true",
+        "EVENT_DISPATCH_CONCURRENCY": "2",
+        "EXPIRY_WARN_DAYS": "2.5",
         "MAX_CALLBACK_BYTES": "4096",
         "LOG_LEVEL": "debug",
     }
@@ -89,6 +97,11 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert settings.kling_access_key == "env-access-key"
     assert settings.secret("kling_secret_key") == "env-secret-key"
     assert settings.secret("kling_webhook_secret") == WEBHOOK_SECRET
+    assert settings.secret("event_webhook_secret") == EVENT_SECRET
+    assert settings.event_endpoints == ["https://a.example/hook", "https://b.example/x?k=1"]
+    assert settings.allow_private_event_urls
+    assert settings.event_dispatch_concurrency == 2
+    assert settings.expiry_warn_days == 2.5
     assert settings.max_callback_bytes == 4096
     assert settings.log_level == "DEBUG"
     assert settings.generated_secrets == ()
@@ -112,6 +125,7 @@ def test_settings_come_from_a_dotenv_file(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(
         "PORT=9100\nCALLBACK_SECRET=dotenv-callback-secret-0123456789\n"
         "ADMIN_TOKEN=dotenv-admin-token-0123456789\nLOG_LEVEL=warning\n"
+        f"EVENT_WEBHOOK_SECRET={EVENT_SECRET}\n"
     )
     settings = load_settings()
     assert settings.port == 9100
@@ -306,10 +320,13 @@ def test_secret_raises_for_an_unset_secret() -> None:
 
 
 def test_generated_secrets_are_stored_privately(tmp_path: Path) -> None:
-    """Unset CALLBACK_SECRET and ADMIN_TOKEN are generated, strong, into a 0600 secrets.json."""
+    """Unset CALLBACK_SECRET, ADMIN_TOKEN and EVENT_WEBHOOK_SECRET are generated, strong, into
+    a 0600 secrets.json; the event secret is a Standard Webhooks `whsec_` key."""
     data_dir = tmp_path / "data"
     settings = load_settings(_env_file=None, data_dir=data_dir)
-    assert settings.generated_secrets == ("callback_secret", "admin_token")
+    assert settings.generated_secrets == ("callback_secret", "admin_token", "event_webhook_secret")
+    event_secret = settings.secret("event_webhook_secret")
+    assert len(decode_secret(event_secret)) == 32 and event_secret.startswith("whsec_")
     assert settings.secrets_path == data_dir / "secrets.json"
     callback_secret = settings.secret("callback_secret")
     admin_token = settings.secret("admin_token")
@@ -319,6 +336,7 @@ def test_generated_secrets_are_stored_privately(tmp_path: Path) -> None:
     assert stored_secrets(data_dir) == {
         "callback_secret": callback_secret,
         "admin_token": admin_token,
+        "event_webhook_secret": event_secret,
     }
     assert stat.S_IMODE(os.stat(settings.secrets_path).st_mode) == 0o600
 
@@ -347,7 +365,8 @@ def test_generated_secrets_are_kept_across_starts(tmp_path: Path) -> None:
     second = load_settings(_env_file=None, data_dir=tmp_path / "data")
     assert second.secret("callback_secret") == first.secret("callback_secret")
     assert second.secret("admin_token") == first.secret("admin_token")
-    assert second.generated_secrets == ("callback_secret", "admin_token")
+    assert second.secret("event_webhook_secret") == first.secret("event_webhook_secret")
+    assert second.generated_secrets == ("callback_secret", "admin_token", "event_webhook_secret")
 
 
 def test_secrets_from_the_environment_are_not_written(
@@ -355,6 +374,7 @@ def test_secrets_from_the_environment_are_not_written(
 ) -> None:
     """A secret set in the environment is used as is and never copied into secrets.json."""
     monkeypatch.setenv("ADMIN_TOKEN", "env-admin-token-0123456789abcdef")
+    monkeypatch.setenv("EVENT_WEBHOOK_SECRET", EVENT_SECRET)
     data_dir = tmp_path / "data"
     settings = load_settings(_env_file=None, data_dir=data_dir)
     assert settings.generated_secrets == ("callback_secret",)
@@ -362,10 +382,16 @@ def test_secrets_from_the_environment_are_not_written(
     assert stored_secrets(data_dir) == {"callback_secret": settings.secret("callback_secret")}
 
     monkeypatch.delenv("ADMIN_TOKEN")
+    monkeypatch.delenv("EVENT_WEBHOOK_SECRET")
     later = load_settings(_env_file=None, data_dir=data_dir)
     assert later.secret("callback_secret") == settings.secret("callback_secret")
     assert later.secret("admin_token") != "env-admin-token-0123456789abcdef"
-    assert set(stored_secrets(data_dir)) == {"callback_secret", "admin_token"}
+    assert later.secret("event_webhook_secret") != EVENT_SECRET
+    assert set(stored_secrets(data_dir)) == {
+        "callback_secret",
+        "admin_token",
+        "event_webhook_secret",
+    }
 
 
 def test_a_damaged_secrets_file_is_a_config_error(tmp_path: Path) -> None:
@@ -594,3 +620,23 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     undocumented = [name for name in SETTING_NAMES if f"`{name}`" not in readme]
     assert undocumented == []
+
+
+@pytest.mark.parametrize(
+    ("urls", "message"),
+    [
+        ("ftp://a.example/x", "is not an http(s) URL with a host"),
+        ("https://", "is not an http(s) URL with a host"),
+        ("https://user:pw@a.example/x", "may not hold credentials"),
+    ],
+)
+def test_event_webhook_urls_are_checked_at_start(urls: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as raised:
+        load_settings(_env_file=None, event_webhook_urls=urls)
+    assert "pw" not in str(raised.value)
+
+
+def test_a_malformed_event_webhook_secret_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="EVENT_WEBHOOK_SECRET") as raised:
+        load_settings(_env_file=None, data_dir=tmp_path, event_webhook_secret="whsec_???")
+    assert "???" not in str(raised.value)
