@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 T2V = "videos/text2video"
 TOKEN = "e2e-metrics-token"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-# Every series the README lists (as its samples are named), but the outbox's, not built yet.
+# Every series the README lists, as its samples are named.
 SERIES = [
     "kling_receiver_deliveries_total",
     "kling_receiver_deliveries_refused_total",
@@ -43,6 +43,13 @@ SERIES = [
     "kling_receiver_oldest_unfinished_task_age_seconds",
     "kling_receiver_oldest_pending_asset_age_seconds",
     "kling_receiver_asset_expiry_seconds",
+    "kling_receiver_event_attempts_total",
+    "kling_receiver_event_attempt_seconds_bucket",
+    "kling_receiver_event_attempt_seconds_count",
+    "kling_receiver_event_attempt_seconds_sum",
+    "kling_receiver_expiry_warnings_total",
+    "kling_receiver_undelivered_events",
+    "kling_receiver_oldest_undelivered_event_age_seconds",
 ]
 
 
@@ -77,11 +84,13 @@ def deliver(service: Service, external: str, data: dict[str, Any]) -> None:
 def test_metrics_name_every_series_and_follow_what_happened(
     services: Callable[..., Service], media: MediaServer
 ) -> None:
-    """A stored file, one that cannot be fetched yet, and a task still running, scraped
-    before and after a restart: the counters say what this process did, the gauges what
-    the ledger holds."""
+    """A stored file, one that cannot be fetched yet, a task still running and an event
+    endpoint that refuses connections, scraped before and after a restart: the counters say
+    what this process did, the gauges what the ledger holds."""
     service = services(
         env={
+            "EVENT_WEBHOOK_URLS": f"http://127.0.0.1:{free_port()}/refused",
+            "ALLOW_PRIVATE_EVENT_URLS": "true",
             "ALLOW_PRIVATE_DOWNLOADS": "true",
             "DOWNLOAD_RETRY_BASE_SECONDS": "0.05",
             "DOWNLOAD_CONCURRENCY": "2",
@@ -106,9 +115,13 @@ def test_metrics_name_every_series_and_follow_what_happened(
     wait_for(service.archived("m-stored"), "the file to be stored")
 
     def retried() -> bool:
-        return value(scrape(service), "kling_receiver_downloads_total", outcome="retry") >= 1
+        found = scrape(service)
+        return (
+            value(found, "kling_receiver_downloads_total", outcome="retry") >= 1
+            and value(found, "kling_receiver_event_attempts_total", outcome="retry") >= 1
+        )
 
-    wait_for(retried, "a download to be retried")
+    wait_for(retried, "a download and an event to be retried")
     found = scrape(service)
 
     named = {name for name, _ in found}
@@ -132,6 +145,12 @@ def test_metrics_name_every_series_and_follow_what_happened(
     running_age = value(found, "kling_receiver_oldest_unfinished_task_age_seconds")
     assert running_age > 0
     assert value(found, "kling_receiver_asset_expiry_seconds") < 30 * 24 * 3600
+    assert value(found, "kling_receiver_event_attempts_total", outcome="delivered") == 0
+    assert value(found, "kling_receiver_event_attempt_seconds_count") >= 1
+    assert value(found, "kling_receiver_expiry_warnings_total") == 0
+    undelivered = value(found, "kling_receiver_undelivered_events")
+    assert undelivered >= 5  # three task.updated, one asset.stored, one task.archived at least
+    assert value(found, "kling_receiver_oldest_undelivered_event_age_seconds") > 0
     task_ids = ("m-running", "m-stored", "m-stuck")
     assert not [key for key in found if any(v in task_ids for _, v in key[1])]
 
@@ -141,3 +160,4 @@ def test_metrics_name_every_series_and_follow_what_happened(
     assert value(again, "kling_receiver_oldest_unfinished_task_age_seconds") >= running_age
     assert value(again, "kling_receiver_unfinished_tasks", status="processing") == 1
     assert value(again, "kling_receiver_downloads_total", outcome="stored") == 0
+    assert value(again, "kling_receiver_undelivered_events") >= undelivered
