@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from receiver import tokens
 from receiver._commands import add_event_commands, add_task_commands
 from receiver._files import keep_private
-from receiver._logging import configure_logging
+from receiver._logging import configure_logging, wants_text
+from receiver._redact import redact_url
 from receiver.settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
 
     from receiver.app import create_app
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if settings.generated_secrets:
         extra = {
             "names": [name.upper() for name in settings.generated_secrets],
@@ -78,6 +79,11 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     app = create_app(settings)
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started and wants_text(settings.log_format, sys.stderr):
+                print(banner(settings), file=sys.stderr, flush=True)
+
         async def shutdown(self, sockets: Any = None) -> None:
             app.state.stopping.set()  # open event streams end, not hold the exit
             await super().shutdown(sockets)
@@ -91,13 +97,41 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def banner(settings: Settings) -> str:
+    """What a person starting `serve` in a terminal wants to know first."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    base = settings.public_url
+    generated = ", ".join(name.upper() for name in settings.generated_secrets)
+    secrets = (
+        f"{settings.secrets_path.resolve()} (generated here: {generated})"
+        if generated
+        else "from the environment"
+    )
+    rows = [
+        (
+            "callbacks",
+            f"POST {base}{tokens.CALLBACK_PREFIX}/…  (`kling-receiver callback-url` "
+            "prints one to give Kling)",
+        ),
+        ("API", f"{base}/api/tasks  (Authorization: Bearer <ADMIN_TOKEN>)"),
+        ("events", f"{len(settings.event_endpoints)} endpoint(s); live: {base}/api/events/stream"),
+        ("secrets", secrets),
+        ("storage", redact_url(settings.storage_url)),
+        ("ledger", redact_url(settings.database_url)),
+    ]
+    lines = [f"kling-receiver is listening on http://{host}:{settings.port}"]
+    lines += [f"  {name:<10} {value}" for name, value in rows]
+    lines.append("  Ctrl-C stops it; files being downloaded resume at the next start.")
+    return "\n".join(lines)
+
+
 def _stopped(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
 def worker(settings: Settings, args: argparse.Namespace) -> int:
     """Run download workers alone against the shared database until SIGTERM or SIGINT."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return asyncio.run(_work(settings, args.concurrency))
 
 

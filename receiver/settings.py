@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -113,6 +113,7 @@ class Settings(BaseSettings):
     event_dispatch_concurrency: int = Field(default=4, ge=0, le=64)
     expiry_warn_days: float = Field(default=25.0, gt=0, le=30)
     log_level: str = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"
 
     # Names of the secrets that came from the generated file rather than the environment.
     _generated: tuple[str, ...] = PrivateAttr(default=())
@@ -161,6 +162,11 @@ class Settings(BaseSettings):
                     "EVENT_WEBHOOK_SECRET, or put a token in the path"
                 )
         return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _log_format(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("log_level")
     @classmethod

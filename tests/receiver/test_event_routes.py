@@ -34,7 +34,9 @@ def client(settings: Settings, ledger_url: str) -> Iterator[TestClient]:
 
 def lifecycle(client: TestClient) -> None:
     for name in ("submitted", "processing", "succeed"):
-        deliver(client, fixture_bytes(f"callback_text2video_{name}.json"), T2V_REF.ref, T2V_REF.action)
+        deliver(
+            client, fixture_bytes(f"callback_text2video_{name}.json"), T2V_REF.ref, T2V_REF.action
+        )
 
 
 def events(client: TestClient, query: str = "") -> list[dict[str, Any]]:
