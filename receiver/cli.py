@@ -18,6 +18,7 @@ from receiver._files import keep_private
 from receiver._logging import configure_logging, wants_text
 from receiver._redact import redact_url
 from receiver.settings import ConfigError, Settings, load_settings
+from receiver.trigger import DEFAULT_ACTIONS, KINDS, STATUSES
 
 if TYPE_CHECKING:
     import uvicorn
@@ -181,6 +182,30 @@ def callback_url(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def send_sample(settings: Settings, args: argparse.Namespace) -> int:
+    """Send a sample callback to the running service and follow its task."""
+    from receiver.trigger import Request, TriggerError, trigger
+
+    kinds = [kind.strip() for kind in args.with_kinds.split(",") if kind.strip()]
+    if unknown := sorted(set(kinds) - set(KINDS)):
+        raise ConfigError(f"--with takes {', '.join(KINDS)}, not {', '.join(unknown)}")
+    request = Request(
+        status=args.status,
+        body_format=args.format,
+        action=args.action or DEFAULT_ACTIONS[args.format],
+        kinds=kinds,
+        urls=args.url,
+        task_id=args.task_id,
+        to=args.to,
+        wait=args.wait,
+    )
+    try:
+        return asyncio.run(trigger(settings, request))
+    except TriggerError as exc:
+        print(f"kling-receiver: {exc}", file=sys.stderr)
+        return 1
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kling-receiver",
@@ -198,6 +223,35 @@ def _parser() -> argparse.ArgumentParser:
     work.set_defaults(handler=worker)
 
     add_task_commands(commands)
+
+    sample = commands.add_parser(
+        "trigger", help="send a realistic sample callback to the running service"
+    )
+    sample.add_argument("status", choices=STATUSES, help="the status the callback reports")
+    sample.add_argument("--action", help="the task's action (default: a text-to-video one)")
+    sample.add_argument(
+        "--with",
+        dest="with_kinds",
+        default="video",
+        metavar="KINDS",
+        help="files of a succeeded task, from the built-in samples: video,image,audio",
+    )
+    sample.add_argument(
+        "--format", choices=("old", "new"), default="old", help="the callback body standard"
+    )
+    sample.add_argument(
+        "--url", action="append", default=[], help="a file URL to report instead (repeat)"
+    )
+    sample.add_argument("--task-id", help="continue this task (default: a new one)")
+    sample.add_argument("--to", help="the service's base URL (default PUBLIC_URL)")
+    sample.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to follow a succeeded task until its files are stored (0: not at all)",
+    )
+    sample.set_defaults(handler=send_sample)
     add_event_commands(commands)
 
     url = commands.add_parser(
