@@ -35,6 +35,7 @@ from receiver.settings import Settings
 from receiver.webhooks import WebhookKey
 from storage import RefusedURL, UrlPolicy
 from storage.fetch import retry_after_seconds
+from storage.guard import Target
 
 __all__ = ["TIMEOUT", "Dispatcher", "ExpiryWatch", "dispatcher_for"]
 
@@ -156,14 +157,7 @@ class Dispatcher:
                     "webhook-timestamp": str(timestamp),
                     "webhook-signature": self.key.sign(event.msg_id, timestamp, event.body),
                 }
-                request = client.build_request(
-                    "POST",
-                    url.copy_with(host=target.addresses[0]),
-                    content=event.body,
-                    headers=headers,
-                    extensions={"sni_hostname": target.host},
-                )
-                response = await client.send(request, stream=True)
+                response = await _send(client, target, url, headers, event.body)
                 try:
                     excerpt = await _excerpt(response)
                 finally:
@@ -201,6 +195,33 @@ class Dispatcher:
         return DeliveryAttempt(
             "pending", utc_now(), _since(started), status, error, excerpt, retry_at
         )
+
+
+async def _send(
+    client: httpx.AsyncClient,
+    target: Target,
+    url: httpx.URL,
+    headers: dict[str, str],
+    content: bytes,
+) -> httpx.Response:
+    """POST to the checked addresses in turn until one takes the connection, as downloads do:
+    a host whose first address refuses (its IPv6 is down, one node is out) is reached at the
+    next. The last connection error is raised when none does."""
+    failed: httpx.ConnectError | None = None
+    for address in target.addresses:
+        request = client.build_request(
+            "POST",
+            url.copy_with(host=address),
+            content=content,
+            headers=headers,
+            extensions={"sni_hostname": target.host},
+        )
+        try:
+            return await client.send(request, stream=True)
+        except httpx.ConnectError as exc:
+            failed = exc
+    assert failed is not None  # UrlPolicy.resolve never returns a target without addresses
+    raise failed
 
 
 async def _excerpt(response: httpx.Response) -> str:

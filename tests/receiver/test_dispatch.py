@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import http
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -585,6 +586,30 @@ async def test_a_refused_connection_is_tried_again(sqlite_ledger: Ledger) -> Non
     assert attempt.error is not None and attempt.error.startswith("ConnectError")
     assert epoch(attempt.retry_at) > time.time() + SCHEDULE[1] * (1 - JITTER) - 1
     assert (await entry(sqlite_ledger, msg_id))["last_error"] == attempt.error
+
+
+async def test_an_endpoint_is_reached_at_the_next_address_when_one_refuses(
+    sqlite_ledger: Ledger,
+    serve: Callable[..., Awaitable[Endpoint]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host name whose first address refuses (IPv6 down, one node out) is sent to the next."""
+    endpoint = await serve(Reply())
+    resolve = socket.getaddrinfo
+
+    def two_addresses(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "hook.test":
+            return resolve(host, *args, **kwargs)
+        # Nothing listens on ::1 (or it is unreachable): the connection there fails at once.
+        return resolve("::1", *args, **kwargs) + resolve("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    await sqlite_ledger.set_endpoints([f"http://hook.test:{endpoint.port}/hook"])
+    msg_id = await one_event(sqlite_ledger)
+    _, attempt = await attempt_one(sqlite_ledger, dispatcher(sqlite_ledger))
+    assert (attempt.state, attempt.status, attempt.error) == ("delivered", 200, None)
+    [request] = endpoint.requests
+    assert request.msg_id == msg_id and request.headers["host"] == f"hook.test:{endpoint.port}"
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
