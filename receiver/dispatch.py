@@ -57,14 +57,16 @@ class Dispatcher:
     policy: UrlPolicy
     concurrency: int = 4
     metrics: Metrics = field(default_factory=Metrics)
-    transport: httpx.AsyncBaseTransport | None = None  # tests only; the default connects out
+    # Tests only: one transport shared by every endpoint's client; the default connects out.
+    transport: httpx.AsyncBaseTransport | None = None
     owner: str = field(default_factory=lease_owner)
     idle: float = _IDLE
 
     async def run(self) -> None:
-        client = httpx.AsyncClient(
-            follow_redirects=False, trust_env=False, timeout=TIMEOUT, transport=self.transport
-        )
+        # A client, so a pool of connections, for each endpoint: connections go to checked
+        # addresses and are pooled by address, so a shared pool would carry one host name's
+        # events over a TLS connection made (and verified) for another name at that address.
+        clients: dict[str, httpx.AsyncClient] = {}
         sending: set[asyncio.Task[None]] = set()
         done = asyncio.Event()
         complained = False
@@ -92,6 +94,9 @@ class Dispatcher:
                     await asyncio.sleep(self.idle)
                     continue
                 for job in jobs:
+                    client = clients.get(job.endpoint)
+                    if client is None:
+                        client = clients[job.endpoint] = self._client()
                     task = asyncio.create_task(self._deliver(client, job))
                     sending.add(task)
                     task.add_done_callback(finished)
@@ -99,7 +104,13 @@ class Dispatcher:
             for task in sending:
                 task.cancel()  # their leases lapse; another sender takes them over
             await asyncio.gather(*sending, return_exceptions=True)
-            await client.aclose()
+            for client in clients.values():
+                await client.aclose()
+
+    def _client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            follow_redirects=False, trust_env=False, timeout=TIMEOUT, transport=self.transport
+        )
 
     async def _deliver(self, client: httpx.AsyncClient, job: EventDelivery) -> None:
         """Send one delivery and record how it went; never raises but cancellation."""
@@ -141,7 +152,10 @@ class Dispatcher:
                 wait *= 2
 
     async def attempt(self, client: httpx.AsyncClient, job: EventDelivery) -> DeliveryAttempt:
-        """One signed POST of the event to its endpoint, and what becomes of the delivery."""
+        """One signed POST of the event to its endpoint, and what becomes of the delivery.
+
+        `client` serves this endpoint alone (see `run`).
+        """
         started = time.monotonic()
         event = job.event
         try:

@@ -14,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import http
+import shutil
 import socket
+import ssl
+import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -24,6 +27,7 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
+import certifi
 import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -71,6 +75,36 @@ async def sqlite_ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """The retry schedule, as long as ever but with 50 ms between attempts."""
     monkeypatch.setattr(events, "SCHEDULE", (0.0,) + (0.05,) * (len(SCHEDULE) - 1))
+
+
+@pytest.fixture
+def hosts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Made-up host names, resolved to the addresses put in this dict (others as usual)."""
+    names: dict[str, list[str]] = {}
+    resolve = socket.getaddrinfo
+
+    def made_up(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in names:
+            return resolve(host, *args, **kwargs)
+        return [info for address in names[host] for info in resolve(address, *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", made_up)
+    return names
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for the name localhost only (no address in it), and its key."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed (apt-get install openssl)")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    request = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2"
+    names = ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"]
+    files = ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run([openssl, *request.split(), *names, *files], check=True, capture_output=True)
+    return cert, key
 
 
 # -- a loopback endpoint ---------------------------------------------------------------
@@ -127,10 +161,14 @@ class Endpoint:
     by a script (one answer per request, the last repeating), or by a function of the request."""
 
     def __init__(
-        self, script: Sequence[Answer] = (), by: Callable[[Received], Answer] | None = None
+        self,
+        script: Sequence[Answer] = (),
+        by: Callable[[Received], Answer] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.script = script
         self.by = by
+        self.tls = tls
         self.requests: list[Received] = []
         self.overlaps: list[str] = []  # webhook-ids that arrived while one was being answered
         self._open: Counter[str] = Counter()
@@ -143,12 +181,16 @@ class Endpoint:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
+    def url_at(self, host: str) -> str:
+        """The endpoint's URL under another host name."""
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/hook"
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return self.url_at("127.0.0.1")
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
 
     async def stop(self) -> None:
         assert self._server is not None
@@ -233,11 +275,16 @@ def _head(status: int, headers: dict[str, str], length: int) -> bytes:
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Callable[..., Awaitable[Endpoint]]]:
-    """Start `Endpoint`s: `await serve(Reply(500), Reply())` or `await serve(by=function)`."""
+    """Start `Endpoint`s: `await serve(Reply(500), Reply())` or `await serve(by=function)`,
+    over TLS with `tls=` a server context."""
     started: list[Endpoint] = []
 
-    async def start(*script: Answer, by: Callable[[Received], Answer] | None = None) -> Endpoint:
-        endpoint = Endpoint(script, by)
+    async def start(
+        *script: Answer,
+        by: Callable[[Received], Answer] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> Endpoint:
+        endpoint = Endpoint(script, by, tls)
         await endpoint.start()
         started.append(endpoint)
         return endpoint
@@ -258,7 +305,7 @@ def dispatcher(
 
 
 def client() -> httpx.AsyncClient:
-    """A client made as `Dispatcher.run` makes its own, for calling `attempt` directly."""
+    """A client made as `Dispatcher.run` makes one for each endpoint, to call `attempt` with."""
     return httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=dispatch.TIMEOUT)
 
 
@@ -589,27 +636,50 @@ async def test_a_refused_connection_is_tried_again(sqlite_ledger: Ledger) -> Non
 
 
 async def test_an_endpoint_is_reached_at_the_next_address_when_one_refuses(
-    sqlite_ledger: Ledger,
-    serve: Callable[..., Awaitable[Endpoint]],
-    monkeypatch: pytest.MonkeyPatch,
+    sqlite_ledger: Ledger, serve: Callable[..., Awaitable[Endpoint]], hosts: dict[str, list[str]]
 ) -> None:
     """A host name whose first address refuses (IPv6 down, one node out) is sent to the next."""
     endpoint = await serve(Reply())
-    resolve = socket.getaddrinfo
-
-    def two_addresses(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host != "hook.test":
-            return resolve(host, *args, **kwargs)
-        # Nothing listens on ::1 (or it is unreachable): the connection there fails at once.
-        return resolve("::1", *args, **kwargs) + resolve("127.0.0.1", *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
-    await sqlite_ledger.set_endpoints([f"http://hook.test:{endpoint.port}/hook"])
+    # Nothing listens on ::1 (or it is unreachable): the connection there fails at once.
+    hosts["hook.test"] = ["::1", "127.0.0.1"]
+    await sqlite_ledger.set_endpoints([endpoint.url_at("hook.test")])
     msg_id = await one_event(sqlite_ledger)
     _, attempt = await attempt_one(sqlite_ledger, dispatcher(sqlite_ledger))
     assert (attempt.state, attempt.status, attempt.error) == ("delivered", 200, None)
     [request] = endpoint.requests
     assert request.msg_id == msg_id and request.headers["host"] == f"hook.test:{endpoint.port}"
+
+
+async def test_https_is_verified_for_each_endpoint_host_name(
+    sqlite_ledger: Ledger,
+    serve: Callable[..., Awaitable[Endpoint]],
+    hosts: dict[str, list[str]],
+    certificate: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connected by address, TLS still checks the endpoint's name (SNI), and a connection made
+    for one name never carries another's event, though both share an address (as on a CDN)."""
+    cert, key = certificate
+    monkeypatch.setattr(certifi, "where", lambda: str(cert))  # the CAs httpx trusts
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    endpoint = await serve(Reply(), tls=server_side)
+    hosts["other.test"] = ["127.0.0.1"]  # not a name the certificate is for
+    ledger = sqlite_ledger
+    async with running(dispatcher(ledger)):
+        await ledger.set_endpoints([endpoint.url_at("localhost")])
+        mine = await one_event(ledger, "T1")
+        await settled(ledger, mine)
+        # The connection to localhost stays open; the other name must make its own.
+        await ledger.set_endpoints([endpoint.url_at("other.test")])
+        theirs = await one_event(ledger, "T2")
+        await settled(ledger, theirs)
+    assert (await entry(ledger, mine))["state"] == "delivered"
+    sent = [(r.msg_id, r.headers["host"]) for r in endpoint.requests]
+    assert sent == [(mine, f"localhost:{endpoint.port}")]
+    refused = await entry(ledger, theirs)
+    assert refused["state"] == "pending" and refused["last_status"] is None
+    assert "certificate" in refused["last_error"] and "other.test" in refused["last_error"]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
