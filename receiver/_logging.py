@@ -118,3 +118,7 @@ def configure_logging(level: str, log_format: str = "json", stream: TextIO | Non
         logging.getLogger(name).propagate = True
     # The access log prints request paths, and callback paths carry their token.
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs each request's whole URL at INFO: an event endpoint's token in its query
+    # (or a key in KLING_API_BASE's, a presigned S3 signature) would be written in clear.
+    # What the service sends is logged by its own lines, with URLs redacted.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -350,3 +350,20 @@ def test_sigterm_stops_a_service_with_an_open_stream_promptly(
         assert took < 5, f"SIGTERM took {took:.1f} s"
         assert list(stream) == []  # the response ended properly, not cut off
     assert code == 0
+
+
+def test_a_token_in_an_endpoint_s_query_stays_out_of_the_log(
+    spawn: Callable[..., Service], receiver: EventReceiver
+) -> None:
+    """An endpoint URL may carry its token in the query: the event reaches it, and the
+    service's log names the endpoint with the token hidden, on every line."""
+    token = "endpoint-token-0123456789abcdef"
+    receiver.answer(200)
+    service = spawn(EVENT_WEBHOOK_URLS=f"{receiver.url}?token={token}")
+    deliver(service, "evtoken", fixture_json("callback_text2video_processing.json"), T2V)
+    receiver.wait_until(lambda r: len(r.delivered()) == 1, "the event", 10)
+    wait_for(lambda: "event delivered" in service.log(), "the delivery's log line", 5)
+
+    assert token not in service.log()
+    (sent,) = [e for e in service.log_entries() if e.get("message") == "event delivered"]
+    assert sent["endpoint"] == f"{receiver.url}?token=***"
