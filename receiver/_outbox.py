@@ -24,6 +24,7 @@ __all__ = [
     "ASSET",
     "CLAIMED",
     "DUE",
+    "DUE_NOW",
     "EXPIRING",
     "FAN_OUT",
     "INSERT_EVENT",
@@ -89,6 +90,14 @@ REPLAY = """INSERT INTO event_deliveries (event_pk, endpoint, task_id, state, ne
             WHERE o.created_at >= :since AND e.active = 1
               AND (CAST(:endpoint AS TEXT) IS NULL OR e.url = :endpoint) {types}
             ORDER BY o.id"""
+# A replayed event still waiting for a retry to the endpoint is due now as well: its copy
+# cannot go before it (a task's deliveries go one at a time, oldest first), so a replay
+# would otherwise send nothing until that retry's time, hours away late in the schedule.
+DUE_NOW = """UPDATE event_deliveries SET next_attempt_at = :now, updated_at = :now
+             WHERE state = 'pending' AND next_attempt_at > :now
+               AND (CAST(:endpoint AS TEXT) IS NULL OR endpoint = :endpoint)
+               AND event_pk IN (SELECT o.id FROM outbox AS o
+                                WHERE o.created_at >= :since {types})"""
 TAKE_BACK = """UPDATE event_endpoints SET gone_at = NULL
                WHERE active = 1 AND (CAST(:endpoint AS TEXT) IS NULL OR url = :endpoint)"""
 # Unstored files of tasks created before the horizon, not warned of yet.
@@ -188,11 +197,12 @@ def page_query(
     return sql, params
 
 
-def replay_query(types: list[str]) -> tuple[str, dict[str, Any]]:
-    """`REPLAY` narrowed to `types` (every type when empty), and the parameters that adds."""
+def replay_query(types: list[str]) -> tuple[str, str, dict[str, Any]]:
+    """`REPLAY` and `DUE_NOW` narrowed to `types` (every type when empty), and the
+    parameters that adds."""
     names = {f"t{i}": name for i, name in enumerate(types)}
     narrowed = f"AND o.type IN ({', '.join(':' + key for key in names)})" if names else ""
-    return REPLAY.format(types=narrowed), names
+    return REPLAY.format(types=narrowed), DUE_NOW.format(types=narrowed), names
 
 
 DELIVERIES = """SELECT id, endpoint, state, attempts, next_attempt_at, last_status, last_error,

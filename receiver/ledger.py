@@ -448,8 +448,9 @@ class EventOutbox(Protocol):
 
     async def replay(self, since: str, types: list[str], endpoint: str | None) -> int:
         """Send again events written since `since` (of `types`, when given) to `endpoint` (or
-        every endpoint): new deliveries, same `webhook-id`. Replaying to an endpoint that
-        answered 410 takes it back. Returns the deliveries queued."""
+        every endpoint): new deliveries, same `webhook-id`. Those of these events still
+        waiting for a retry are due now too (their copies go after them). Replaying to an
+        endpoint that answered 410 takes it back. Returns the deliveries queued."""
         ...
 
     async def warn_expiring(self, created_before: float, limit: int) -> int:

@@ -150,8 +150,9 @@ async def delivery_log(conn: Conn, msg_id: str) -> DeliveryLog | None:
 
 
 async def replay(conn: Conn, since: str, types: list[str], endpoint: str | None) -> int:
-    query, names = sql.replay_query(types)
+    query, due_now, names = sql.replay_query(types)
     params = {"since": since, "endpoint": endpoint, "now": utc_now(), **names}
+    await conn.execute(_pg(due_now), params)
     cur = await conn.execute(_pg(query), params)
     queued = max(cur.rowcount, 0)
     await conn.execute(_TAKE_BACK, {"endpoint": endpoint})

@@ -124,8 +124,9 @@ def delivery_log(conn: sqlite3.Connection, msg_id: str) -> DeliveryLog | None:
 
 
 def replay(conn: sqlite3.Connection, since: str, types: list[str], endpoint: str | None) -> int:
-    query, names = sql.replay_query(types)
+    query, due_now, names = sql.replay_query(types)
     params = {"since": since, "endpoint": endpoint, "now": utc_now(), **names}
+    conn.execute(due_now, params)
     queued = conn.execute(query, params).rowcount
     conn.execute(sql.TAKE_BACK, {"endpoint": endpoint})
     return queued

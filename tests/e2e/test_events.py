@@ -367,3 +367,34 @@ def test_a_token_in_an_endpoint_s_query_stays_out_of_the_log(
     assert token not in service.log()
     (sent,) = [e for e in service.log_entries() if e.get("message") == "event delivered"]
     assert sent["endpoint"] == f"{receiver.url}?token=***"
+
+
+def test_a_replay_sends_an_event_waiting_for_its_retry_at_once(
+    spawn: Callable[..., Service], receiver: EventReceiver
+) -> None:
+    """An event answered 500 with Retry-After: 3600 waits an hour for its next attempt;
+    once the endpoint is back, POST /api/events/replay {"since": "1h"} has it sent at once
+    (then its replayed copy), every time under its one webhook-id and with the same bytes."""
+    receiver.answer(500, {"Retry-After": "3600"})
+    service = spawn()
+    deliver(service, "evreplay", fixture_json("callback_text2video_processing.json"), T2V)
+    receiver.wait_until(lambda r: len(r.failed()) == 1, "the attempt answered 500", 10)
+    receiver.answer(200)
+
+    response = httpx.post(
+        service.base_url + "/api/events/replay",
+        json={"since": "1h"},
+        headers=service.admin,
+        trust_env=False,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["queued"] == 1
+    receiver.wait_until(lambda r: len(r.delivered()) == 2, "the event and its copy", 10)
+
+    (event,) = outbox(service)
+    assert [r.msg_id for r in receiver.received] == [event["msg_id"]] * 3
+    assert len({r.body for r in receiver.received}) == 1
+    response = service.api(f"/api/events/{event['msg_id']}")
+    retried, replayed = response.json()["deliveries"]
+    assert [a["status"] for a in retried["log"]] == [500, 200]
+    assert [a["status"] for a in replayed["log"]] == [200]

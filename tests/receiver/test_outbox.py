@@ -226,6 +226,25 @@ async def test_replay_sends_the_same_events_again_under_the_same_ids(ledger: Led
     assert again == first[3:]
 
 
+async def test_a_replay_makes_an_event_waiting_for_a_retry_due_now(ledger: Ledger) -> None:
+    await ledger.set_endpoints([A])
+    await lifecycle(ledger)
+    [job] = await ledger.claim_deliveries("d", 60, 10)
+    later = DeliveryAttempt("pending", utc_now(), 3.0, 500, "HTTP 500", None, utc_in(36000))
+    assert await ledger.settle_delivery(job.id, "d", later)
+    assert await ledger.claim_deliveries("d", 60, 10) == []
+    assert await ledger.replay("1970-01-01T00:00:00.000Z", [], None) == 3
+    # Not ten hours from now: each event goes at once, and its replayed copy after it.
+    sent = []
+    while batch := await ledger.claim_deliveries("d", 60, 10):
+        for j in batch:
+            sent.append(j.event.msg_id)
+            await ledger.settle_delivery(j.id, "d", delivered())
+    events = [e.msg_id for e in await ledger.outbound_events(after=0)]
+    assert sent == [msg_id for msg_id in events for _ in (1, 2)]
+    assert sent[0] == job.event.msg_id
+
+
 async def test_events_page_both_ways_and_filter(ledger: Ledger) -> None:
     await lifecycle(ledger)
     await ledger.apply(update(succeed("OTHER", images=1)))
