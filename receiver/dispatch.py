@@ -13,6 +13,7 @@ its queue waits for a replay to it); anything else is tried again on the schedul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -78,8 +79,8 @@ class Dispatcher:
         try:
             while True:
                 free = self.concurrency - len(sending)
+                done.clear()
                 if free <= 0:
-                    done.clear()
                     await done.wait()
                     continue
                 try:
@@ -91,7 +92,9 @@ class Dispatcher:
                     complained = True
                     jobs = []
                 if not jobs:
-                    await asyncio.sleep(self.idle)
+                    # A delivery ending may free its task's next event: look again at once.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(done.wait(), self.idle)
                     continue
                 for job in jobs:
                     client = clients.get(job.endpoint)
