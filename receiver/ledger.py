@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from receiver._clock import parse_time
 from receiver.models import (
     AssetKind,
+    AssetRecord,
     AssetState,
     CallbackRef,
     EventRecord,
@@ -36,15 +37,19 @@ from receiver.models import (
 
 __all__ = [
     "KLING_KEEPS_SECONDS",
+    "PROBLEM_STATES",
     "UNFINISHED_STATUSES",
     "UNSTORED_STATES",
+    "Activity",
     "Applied",
     "AssetJob",
+    "AssetProblem",
     "AssetQueue",
     "AssetResult",
     "Backlog",
     "DeliveryAttempt",
     "DeliveryLog",
+    "EndpointHealth",
     "EventDelivery",
     "EventOutbox",
     "Ledger",
@@ -53,6 +58,7 @@ __all__ = [
     "OutboundEvent",
     "Outcome",
     "PollJob",
+    "ProblemPage",
     "StateKey",
     "Submission",
     "TaskPage",
@@ -60,6 +66,7 @@ __all__ = [
     "backlog",
     "binding_conflict",
     "contradiction",
+    "endpoint_health",
     "lease_owner",
     "moves_forward",
     "yields_to",
@@ -185,6 +192,48 @@ class TaskPage:
     next_cursor: str | None
 
 
+# The assets the dashboard's failures page lists: given up on, or still waiting.
+PROBLEM_STATES = (AssetState.failed, AssetState.pending, AssetState.downloading)
+
+
+@dataclass(frozen=True, slots=True)
+class AssetProblem:
+    """An asset not stored (failed, or waiting), with the task it belongs to."""
+
+    id: int  # the asset's row: the paging cursor
+    task_id: str
+    action: str | None
+    asset: AssetRecord
+    updated_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemPage:
+    problems: list[AssetProblem]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointHealth:
+    """An outbound endpoint as the outbox sees it: in use or not, and what waits for it."""
+
+    url: str
+    active: bool
+    gone_at: str | None  # when it answered 410 (nothing is sent until a replay names it)
+    pending: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What the dashboard's overview counts, from a few indexed aggregates."""
+
+    by_status: dict[str, int]  # every task by status ("unknown" until Kling has said one)
+    learned_from: dict[str, int]  # finished tasks by how their end was learned
+    per_minute: list[tuple[str, int]]  # ("YYYY-MM-DDTHH:MM", deliveries first received then)
+    endpoints: list[EndpointHealth]
+
+
 @dataclass(frozen=True, slots=True)
 class OutboundEvent:
     """An event in the outbox: its body is signed and sent as it was written, every time."""
@@ -283,6 +332,24 @@ def backlog(
         undelivered_events=undelivered[0],
         oldest_undelivered_at=undelivered[1],
     )
+
+
+def endpoint_health(
+    endpoints: list[tuple[Any, ...]], waiting: list[tuple[Any, ...]]
+) -> list[EndpointHealth]:
+    """Each (url, active, gone_at) endpoint with its deliveries from the (endpoint, state,
+    count) rows of those pending or failed: combined the same way for both backends."""
+    counts = {(endpoint, state): int(count) for endpoint, state, count in waiting}
+    return [
+        EndpointHealth(
+            url=url,
+            active=bool(active),
+            gone_at=gone_at,
+            pending=counts.get((url, "pending"), 0),
+            failed=counts.get((url, "failed"), 0),
+        )
+        for url, active, gone_at in endpoints
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,8 +542,27 @@ class Ledger(AssetQueue, EventOutbox, Protocol):
         archived: bool | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        action: str | None = None,
+        flagged: bool | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        search: str | None = None,
     ) -> TaskPage:
-        """Tasks, newest first, a page at a time."""
+        """Tasks, newest first, a page at a time.
+
+        `since` and `until` bound when the ledger first recorded a task (`since` included);
+        `search` finds the task whose task_id or external_task_id it is, exactly.
+        """
+        ...
+
+    async def asset_problems(
+        self, *, state: AssetState | None = None, limit: int = 50, cursor: str | None = None
+    ) -> ProblemPage:
+        """Assets in one of PROBLEM_STATES (or in `state`) across tasks, newest first."""
+        ...
+
+    async def activity(self, since: str) -> Activity:
+        """The overview's counts; deliveries per minute from `since` on."""
         ...
 
     async def events(self, task_id: str) -> list[EventRecord] | None:

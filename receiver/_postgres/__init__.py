@@ -26,10 +26,13 @@ from receiver._clock import utc_in, utc_now
 from receiver._postgres import outbox, tasks, text
 from receiver._postgres.schema import MIGRATIONS, migrate
 from receiver.ledger import (
+    PROBLEM_STATES,
     UNFINISHED_STATUSES,
     UNSTORED_STATES,
+    Activity,
     Applied,
     AssetJob,
+    AssetProblem,
     AssetResult,
     Backlog,
     DeliveryAttempt,
@@ -38,10 +41,12 @@ from receiver.ledger import (
     LedgerUnavailable,
     OutboundEvent,
     PollJob,
+    ProblemPage,
     Submission,
     TaskPage,
     Update,
     backlog,
+    endpoint_health,
 )
 from receiver.models import AssetState, EventRecord, TaskRecord, TaskStatus
 from receiver.rules import archived as all_stored
@@ -201,19 +206,31 @@ class PostgresLedger:
         archived: bool | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        action: str | None = None,
+        flagged: bool | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        search: str | None = None,
     ) -> TaskPage:
         before = decode_cursor(cursor)
-        where: list[str] = ["task_id IS NOT NULL"]
+        conditions: dict[str, object] = {
+            "status = %s": None if status is None else status.value,
+            "(archived_at IS NOT NULL) = %s": archived,
+            "action = %s": action,
+            "(flag IS NOT NULL) = %s": flagged,
+            "created_at >= %s": since,
+            "created_at < %s": until,
+            "id < %s": before,
+        }
+        where = ["task_id IS NOT NULL"]
         params: list[object] = []
-        if status is not None:
-            where.append("status = %s")
-            params.append(status.value)
-        if archived is not None:
-            where.append("(archived_at IS NOT NULL) = %s")
-            params.append(archived)
-        if before is not None:
-            where.append("id < %s")
-            params.append(before)
+        for condition, value in conditions.items():
+            if value is not None:
+                where.append(condition)
+                params.append(value)
+        if search is not None:
+            where.append("(task_id = %s OR external_task_id = %s)")
+            params += [search, search]
 
         async def op(conn: Conn) -> TaskPage:
             cur = await conn.execute(
@@ -224,6 +241,64 @@ class PostgresLedger:
             page = await tasks.task_records(conn, rows[:limit])
             more = len(rows) > limit
             return TaskPage(page, encode_cursor(rows[limit - 1]["id"]) if more else None)
+
+        return await self._run(op)
+
+    async def asset_problems(
+        self, *, state: AssetState | None = None, limit: int = 50, cursor: str | None = None
+    ) -> ProblemPage:
+        before = decode_cursor(cursor)
+        states = [state.value] if state is not None else [s.value for s in PROBLEM_STATES]
+
+        async def op(conn: Conn) -> ProblemPage:
+            cur = await conn.execute(
+                """SELECT a.*, t.task_id, t.action
+                   FROM assets AS a JOIN tasks AS t ON t.id = a.task_pk
+                   WHERE a.state = ANY(%s) AND (%s::bigint IS NULL OR a.id < %s)
+                   ORDER BY a.id DESC LIMIT %s""",
+                (states, before, before, limit + 1),
+            )
+            rows = await cur.fetchall()
+            problems = [
+                AssetProblem(
+                    id=row["id"],
+                    task_id=row["task_id"],
+                    action=row["action"],
+                    asset=_rows.asset_record(row),
+                    updated_at=row["updated_at"],
+                )
+                for row in rows[:limit]
+            ]
+            more = len(rows) > limit
+            return ProblemPage(problems, encode_cursor(rows[limit - 1]["id"]) if more else None)
+
+        return await self._run(op)
+
+    async def activity(self, since: str) -> Activity:
+        async def op(conn: Conn) -> Activity:
+            cur = await conn.execute("SELECT status, count(*) AS n FROM tasks GROUP BY status")
+            by_status = {r["status"] or "unknown": int(r["n"]) for r in await cur.fetchall()}
+            cur = await conn.execute(
+                """SELECT terminal_source, count(*) AS n FROM tasks
+                   WHERE terminal_source IS NOT NULL GROUP BY terminal_source"""
+            )
+            learned = {r["terminal_source"]: int(r["n"]) for r in await cur.fetchall()}
+            cur = await conn.execute(
+                """SELECT substr(received_at, 1, 16) AS minute, count(*) AS n FROM events
+                   WHERE received_at >= %s GROUP BY minute ORDER BY minute""",
+                (since,),
+            )
+            minutes = [(r["minute"], int(r["n"])) for r in await cur.fetchall()]
+            cur = await conn.execute(
+                "SELECT url, active, gone_at FROM event_endpoints ORDER BY url"
+            )
+            endpoints = [(r["url"], r["active"], r["gone_at"]) for r in await cur.fetchall()]
+            cur = await conn.execute(
+                """SELECT endpoint, state, count(*) AS n FROM event_deliveries
+                   WHERE state IN ('pending', 'failed') GROUP BY endpoint, state"""
+            )
+            waiting = [(r["endpoint"], r["state"], r["n"]) for r in await cur.fetchall()]
+            return Activity(by_status, learned, minutes, endpoint_health(endpoints, waiting))
 
         return await self._run(op)
 

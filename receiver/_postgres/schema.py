@@ -159,6 +159,15 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX event_attempts_delivery ON event_attempts (delivery_pk)",
         "ALTER TABLE assets ADD COLUMN expiry_warned_at TEXT",
     ],
+    [
+        # The dashboard's filters and counts, each an index seek rather than a scan.
+        "CREATE INDEX tasks_action ON tasks (action, id)",
+        "CREATE INDEX tasks_created ON tasks (created_at)",
+        "CREATE INDEX tasks_flagged ON tasks (id) WHERE flag IS NOT NULL",
+        "CREATE INDEX tasks_learned ON tasks (terminal_source)",
+        "CREATE INDEX assets_state ON assets (state, id)",
+        "CREATE INDEX events_received ON events (received_at)",
+    ],
 ]
 
 

@@ -11,10 +11,11 @@ from typing import Any
 
 from receiver import _rows
 from receiver._clock import utc_in, utc_now
-from receiver._sqlite import assets, outbox, polls, tasks
+from receiver._sqlite import assets, dashboard, outbox, polls, tasks
 from receiver._sqlite.engine import Engine
 from receiver._sqlite.schema import MIGRATIONS
 from receiver.ledger import (
+    Activity,
     Applied,
     AssetJob,
     AssetResult,
@@ -25,11 +26,12 @@ from receiver.ledger import (
     LedgerUnavailable,
     OutboundEvent,
     PollJob,
+    ProblemPage,
     Submission,
     TaskPage,
     Update,
 )
-from receiver.models import EventRecord, TaskRecord, TaskStatus
+from receiver.models import AssetState, EventRecord, TaskRecord, TaskStatus
 from receiver.rules import decode_cursor, encode_cursor
 
 __all__ = ["MIGRATIONS", "SQLiteLedger"]
@@ -55,29 +57,43 @@ class SQLiteLedger(Engine):
         archived: bool | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        action: str | None = None,
+        flagged: bool | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        search: str | None = None,
     ) -> TaskPage:
         before = decode_cursor(cursor)
+        where, params = dashboard.task_filter(
+            status=status,
+            archived=archived,
+            action=action,
+            flagged=flagged,
+            since=since,
+            until=until,
+            search=search,
+            before=before,
+        )
 
         def op(conn: sqlite3.Connection) -> TaskPage:
             rows = conn.execute(
-                """SELECT * FROM tasks
-                   WHERE task_id IS NOT NULL
-                     AND (:status IS NULL OR status = :status)
-                     AND (:archived IS NULL OR (archived_at IS NOT NULL) = :archived)
-                     AND (:before IS NULL OR id < :before)
-                   ORDER BY id DESC LIMIT :limit""",
-                {
-                    "status": None if status is None else status.value,
-                    "archived": archived,
-                    "before": before,
-                    "limit": limit + 1,
-                },
+                f"SELECT * FROM tasks WHERE {where} ORDER BY id DESC LIMIT :limit",
+                params | {"limit": limit + 1},
             ).fetchall()
             page = [tasks.task_record(conn, row) for row in rows[:limit]]
             more = len(rows) > limit
             return TaskPage(page, encode_cursor(rows[limit - 1]["id"]) if more else None)
 
         return await self.read(op)
+
+    async def asset_problems(
+        self, *, state: AssetState | None = None, limit: int = 50, cursor: str | None = None
+    ) -> ProblemPage:
+        before = decode_cursor(cursor)
+        return await self.read(lambda conn: dashboard.asset_problems(conn, state, limit, before))
+
+    async def activity(self, since: str) -> Activity:
+        return await self.read(lambda conn: dashboard.activity(conn, since))
 
     async def events(self, task_id: str) -> list[EventRecord] | None:
         def op(conn: sqlite3.Connection) -> list[EventRecord] | None:
