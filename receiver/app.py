@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from receiver.dashboard import routes as dashboard_routes
 from receiver.database import open_ledger
 from receiver.dispatch import ExpiryWatch, dispatcher_for
 from receiver.kling import client_for
@@ -208,6 +209,7 @@ def create_app(settings: Settings) -> Starlette:
                 routes=[*api.routes, *events.routes],
                 middleware=[Middleware(AdminAuth, token=settings.secret("admin_token"))],
             ),
+            *dashboard_routes(settings),  # last: its pages never shadow the routes above
         ],
         middleware=[Middleware(FrontDoor, direct=callbacks.direct)],
         exception_handlers={

@@ -20,7 +20,7 @@ from receiver.models import AssetRecord, AssetState, EventRecord, TaskRecord, Ta
 from receiver.routes._responses import error, page_limit
 from receiver.submit import SubmitError, submit
 
-__all__ = ["AdminAuth", "routes", "task_json"]
+__all__ = ["AdminAuth", "requeue", "routes", "signed_link", "task_json"]
 
 
 class AdminAuth:
@@ -132,13 +132,19 @@ async def asset_url(request: Request) -> Response:
         return asset
     if asset.state is not AssetState.stored or asset.location is None:
         return error(409, "not_stored", f"The asset is {asset.state.value}, not stored yet.")
-    settings = request.app.state.settings
     seconds = int(expires_text)
-    url = request.app.state.sink.presign(asset.location, seconds)  # signed here, no request
-    if url is None:  # a local file: the service serves it through a link of its own
-        secret = settings.secret("callback_secret")
-        url = settings.public_url + file_link(secret, asset.location, int(time.time()) + seconds)
+    url = signed_link(request, asset.location, seconds)
     return JSONResponse({"url": url, "expires_at": utc_in(seconds)})
+
+
+def signed_link(request: Request, location: str, seconds: int) -> str:
+    """A URL that opens the stored file at `location` for `seconds`, made without a request."""
+    url: str | None = request.app.state.sink.presign(location, seconds)
+    if url is None:  # a local file: the service serves it through a link of its own
+        settings = request.app.state.settings
+        secret = settings.secret("callback_secret")
+        url = settings.public_url + file_link(secret, location, int(time.time()) + seconds)
+    return url
 
 
 def _one_asset(
@@ -168,12 +174,19 @@ async def retry_task(request: Request) -> Response:
     force = request.query_params.get("force", "false")
     if force not in ("true", "false"):
         return error(400, "bad_query", "force must be true or false.")
-    queued = await _ledger(request).requeue(task_id, force=force == "true")
+    queued = await requeue(request, task_id, force=force == "true")
     if queued is None:
         return _no_task(task_id)
+    return JSONResponse({"task_id": task_id, "queued": queued})
+
+
+async def requeue(request: Request, task_id: str, *, force: bool) -> int | None:
+    """Queue a task's failed (and with `force`, stored) assets, waking this process's
+    downloads; how many were queued, or None for an unknown task."""
+    queued = await _ledger(request).requeue(task_id, force=force)
     if queued and request.app.state.downloader is not None:
         request.app.state.downloader.wake()
-    return JSONResponse({"task_id": task_id, "queued": queued})
+    return queued
 
 
 async def create_task(request: Request) -> Response:
