@@ -217,7 +217,6 @@ class PostgresLedger:
             "status = %s": None if status is None else status.value,
             "(archived_at IS NOT NULL) = %s": archived,
             "action = %s": action,
-            "(flag IS NOT NULL) = %s": flagged,
             "created_at >= %s": since,
             "created_at < %s": until,
             "id < %s": before,
@@ -228,6 +227,9 @@ class PostgresLedger:
             if value is not None:
                 where.append(condition)
                 params.append(value)
+        if flagged is not None:
+            # Written out, not bound, so that "flagged" can use the partial index of flagged tasks.
+            where.append("flag IS NOT NULL" if flagged else "flag IS NULL")
         if search is not None:
             where.append("(task_id = %s OR external_task_id = %s)")
             params += [search, search]

@@ -38,7 +38,6 @@ def task_filter(
         "status = :status": None if status is None else status.value,
         "(archived_at IS NOT NULL) = :archived": archived,
         "action = :action": action,
-        "(flag IS NOT NULL) = :flagged": flagged,
         "created_at >= :since": since,
         "created_at < :until": until,
         # Two unique indexes: SQLite looks each up rather than scanning.
@@ -49,6 +48,9 @@ def task_filter(
         if value is not None:
             where.append(condition)
             params[condition.rsplit(":", 1)[1].rstrip(")")] = value
+    if flagged is not None:
+        # Written out, not bound, so that "flagged" can use the partial index of flagged tasks.
+        where.append("flag IS NOT NULL" if flagged else "flag IS NULL")
     return " AND ".join(where), params
 
 
