@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -60,9 +62,35 @@ def browser() -> Iterator[Browser]:
         launched.close()
 
 
+class _Hooks(BaseHTTPRequestHandler):
+    """An outbound-event endpoint that takes every event (204)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(204)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 @pytest.fixture
-def service(services: Callable[..., Service]) -> Service:
-    started: Service = services(env=DOWNLOADS)
+def hooks() -> Iterator[str]:
+    """The URL of an endpoint on loopback that accepts events."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hooks)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hooks"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def service(services: Callable[..., Service], hooks: str) -> Service:
+    events = {"EVENT_WEBHOOK_URLS": hooks, "ALLOW_PRIVATE_EVENT_URLS": "true"}
+    started: Service = services(env=DOWNLOADS | events)
     return started
 
 
@@ -85,6 +113,8 @@ def page(browser: Browser) -> Iterator[Page]:
 
 
 def shoot(page: Page, name: str) -> None:
+    """Write the page's screenshot where the README's Dashboard section links it."""
+    assert f"(docs/screenshots/{name}.png)" in (ROOT / "README.md").read_text()
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
 
@@ -154,6 +184,7 @@ def test_a_task_arrives_live_opens_and_plays_its_preview(
     page.get_by_role("link", name="Overview", exact=True).click()
     expect(page.locator('[data-count="succeed"]')).to_have_text("1")
     expect(page.locator("#storage")).to_have_text("ready")
+    expect(page.locator("td", has_text="/hooks").locator("xpath=..")).to_contain_text("healthy")
     shoot(page, "overview")
 
 
@@ -184,6 +215,14 @@ def test_a_failed_file_is_retried_from_its_task_page(
     shoot(page, "events")
     page.get_by_role("link", name="deliveries and attempts").first.click()
     expect(page.locator("h1")).to_contain_text("task.archived")
+    delivery = page.locator("article.delivery")
+    for _ in range(50):  # bounded: the dispatcher sends within a second
+        if "delivered" in delivery.inner_text():
+            break
+        page.wait_for_timeout(200)
+        page.reload()
+    expect(delivery.locator(".state")).to_have_text("delivered")
+    expect(delivery.locator("tbody")).to_contain_text("204")
     shoot(page, "event")
 
 
