@@ -156,7 +156,10 @@ class SignedIn:
             nonce = sessions.open("session", request.cookies.get(SESSION_COOKIE))
             if nonce is None:
                 if page and request.method == "GET":
-                    return _redirect("/signin", next=request.url.path)
+                    query = request.url.query
+                    return _redirect(
+                        "/signin", next=request.url.path + (f"?{query}" if query else "")
+                    )
                 return _refused(request, "Sign in with the admin token first.", 401)
             request.state.session, request.state.sessions = nonce, sessions
             if request.method == "POST":
@@ -528,7 +531,9 @@ async def event_list(request: Request) -> Response:
         type=event_type,
         task_id=task_id,
         older=older,
-        endpoints=[(url, redact_url(url)) for url in settings.event_endpoints],
+        # Chosen by position: an endpoint's URL may hold a secret, and only its redacted
+        # form is ever put in a page.
+        endpoints=[(str(n), redact_url(url)) for n, url in enumerate(settings.event_endpoints)],
         queued=query.get("queued"),
         problem=query.get("problem"),
     )
@@ -547,13 +552,19 @@ async def event_page(request: Request) -> Response:
 async def replay(request: Request) -> Response:
     form = _form(request)
     types = [t for t in form.getlist("type") if t]
-    endpoint = form.get("endpoint") or None
+    endpoints = request.app.state.settings.event_endpoints
+    chosen = form.get("endpoint") or ""
+    if chosen and not (
+        isinstance(chosen, str) and chosen.isdigit() and int(chosen) < len(endpoints)
+    ):
+        return _redirect("/events", problem="Choose an endpoint from the list.")
+    endpoint = endpoints[int(chosen)] if chosen else None
     try:
         asked = replay_request(
             form.get("since"),
             types,
             endpoint,
-            request.app.state.settings.event_endpoints,
+            endpoints,
             time.time(),
         )
     except BadReplay as exc:

@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from pydantic import SecretStr
@@ -101,7 +102,15 @@ def test_pages_redirect_to_the_sign_in_form_without_a_session(
 ) -> None:
     response = app_client.get(path)
     assert response.status_code == 303
-    assert response.headers["location"] == f"/signin?next={path.replace('/', '%2F')}"
+    assert response.headers["location"] == "/signin?" + urlencode({"next": path})
+
+
+def test_signing_in_returns_to_the_page_asked_for(app_client: TestClient) -> None:
+    asked = app_client.get("/tasks", params={"status": "failed", "q": "a b"})
+    after = parse_qs(urlsplit(asked.headers["location"]).query)["next"][0]
+    assert after == "/tasks?status=failed&q=a+b"
+    response = sign_in(app_client, next_path=after)
+    assert response.headers["location"] == after
 
 
 @pytest.mark.parametrize("path", ACTIONS)
@@ -401,3 +410,26 @@ def test_events_list_detail_and_replay(client: TestClient) -> None:
     assert bad.status_code == 303 and "problem=since+must+be" in bad.headers["location"]
     replayed = client.post("/events/replay", data={"csrf": form_csrf(page), "since": "1h"})
     assert replayed.headers["location"] == "/events?queued=0"  # no endpoint is set here
+
+
+def test_replay_names_endpoints_without_their_secrets(settings: Settings) -> None:
+    """An endpoint is chosen by its place in EVENT_WEBHOOK_URLS; only its redacted URL shows."""
+    endpoints = "https://hooks.example/a?token=s3cret,https://hooks.example/b"
+    configured = settings.model_copy(
+        update={"event_webhook_urls": endpoints, "event_dispatch_concurrency": 0}
+    )
+    with TestClient(create_app(configured), follow_redirects=False) as client:
+        sign_in(client)
+        deliver(client, task("e1"))
+        deliver(client, task("e2"))
+        for path in ("/events", "/"):
+            page = client.get(path).text
+            assert "hooks.example/a" in page and "s3cret" not in page, path
+        csrf = form_csrf(page)
+        one = {"csrf": csrf, "since": "1h", "endpoint": "1", "type": "task.updated"}
+        assert client.post("/events/replay", data=one).headers["location"] == "/events?queued=2"
+        every = {"csrf": csrf, "since": "1h"}
+        assert client.post("/events/replay", data=every).headers["location"] == "/events?queued=4"
+        for wrong in ("2", "-1", "https://hooks.example/b"):
+            refused = client.post("/events/replay", data=every | {"endpoint": wrong})
+            assert "problem=Choose+an+endpoint" in refused.headers["location"], wrong
