@@ -361,6 +361,24 @@ def test_the_task_page_previews_stored_files_through_signed_links(
     assert served.status_code == 200 and served.content == video
 
 
+def test_an_image_is_previewed_in_an_img(client: TestClient, settings: Settings) -> None:
+    images = [{"index": 0, "url": "https://cdn.example/a.png"}]
+    deliver(client, task("i1", "succeed", task_result={"images": images}), "images/generations")
+    picture = media_bytes(2048, like="png")
+    stored = Path(settings.storage_url) / "i1.png"
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_bytes(picture)
+    done = AssetResult(
+        AssetState.stored, location=str(stored), sha256="ab", size=2048, stored_at=utc_now()
+    )
+    settle_next(client, done)
+    page = client.get("/tasks/i1").text
+    link = re.search(r'<img src="([^"]+)" alt="image 0 of task i1">', page)
+    assert link, page
+    assert client.get(link.group(1).removeprefix(settings.public_url)).content == picture
+    assert "<video" not in page and "<audio" not in page
+
+
 def test_retry_buttons_queue_failed_files_or_force_a_recheck(client: TestClient) -> None:
     deliver(client, succeed("r1", ["https://cdn.example/a.mp4"]))
     settle_next(client, AssetResult(AssetState.failed, error="404 five times"))
