@@ -210,6 +210,16 @@ def _form(request: Request) -> FormData:
     return form
 
 
+async def _live(request: Request, task_id: str | None = None) -> str:
+    """The stream a page listens to, from the newest event before the page is read: an event
+    written while the page renders, or before its script connects, still refreshes it."""
+    newest = await _ledger(request).outbound_events(limit=1)
+    query = {"after": str(newest[0].id if newest else 0)}
+    if task_id is not None:
+        query["task_id"] = task_id
+    return "/live?" + urlencode(query)
+
+
 # -- signing in --------------------------------------------------------------------
 
 
@@ -289,6 +299,7 @@ async def signout(request: Request) -> Response:
 
 async def overview(request: Request) -> Response:
     ledger = _ledger(request)
+    live = await _live(request)
     backlog = await ledger.backlog()
     activity = await ledger.activity(utc_in(-3600))
     downloader = request.app.state.downloader
@@ -303,6 +314,7 @@ async def overview(request: Request) -> Response:
     return render(
         request,
         "overview.html",
+        live=live,
         backlog=backlog,
         activity=activity,
         chart=_chart(activity.per_minute),
@@ -366,6 +378,7 @@ async def task_list(request: Request) -> Response:
     }
     yes_no = {"yes": True, "no": False}
     problem, page = None, None
+    live = await _live(request)
     try:
         if filters["status"] and filters["status"] not in TaskStatus.__members__:
             raise _Bad("Unknown status.")
@@ -390,6 +403,7 @@ async def task_list(request: Request) -> Response:
         request,
         "tasks.html",
         400 if problem else 200,
+        live=live,
         tasks=page.tasks if page else [],
         filters=filters,
         problem=problem,
@@ -402,6 +416,7 @@ async def task_list(request: Request) -> Response:
 async def task_page(request: Request) -> Response:
     task_id = request.path_params["task_id"]
     ledger = _ledger(request)
+    live = await _live(request, task_id)
     task = await ledger.task(task_id)
     if task is None:
         return _refused(request, "No task with that id is recorded here.", 404)
@@ -412,6 +427,7 @@ async def task_page(request: Request) -> Response:
         request,
         "task.html",
         media=origins,
+        live=live,
         task=task,
         previews=previews,
         deliveries=[_delivery(event) for event in deliveries],
@@ -470,6 +486,7 @@ async def failures(request: Request) -> Response:
     states = {state.value: state for state in PROBLEM_STATES}
     if state_text and state_text not in states:
         return _refused(request, "Unknown state.", 400)
+    live = await _live(request)
     try:
         page = await _ledger(request).asset_problems(
             state=states.get(state_text), cursor=query.get("cursor") or None, limit=PAGE
@@ -483,6 +500,7 @@ async def failures(request: Request) -> Response:
     return render(
         request,
         "failures.html",
+        live=live,
         problems=page.problems,
         state=state_text,
         states=list(states),
@@ -512,6 +530,7 @@ async def event_list(request: Request) -> Response:
         return _refused(request, "Unknown event type.", 400)
     if cursor and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
         return _refused(request, "That page link is not valid.", 400)
+    live = await _live(request)
     found = await _ledger(request).outbound_events(
         before=int(cursor) if cursor else None,
         type=event_type or None,
@@ -526,6 +545,7 @@ async def event_list(request: Request) -> Response:
     return render(
         request,
         "events.html",
+        live=live,
         events=[outbound_json(e) for e in found],
         types=EVENT_TYPES,
         type=event_type,

@@ -205,10 +205,12 @@ def test_a_failed_file_is_retried_from_its_task_page(
     expect(page.locator("article.asset .state")).to_have_text("failed")
     page.get_by_role("button", name="Retry failed files").click()
     expect(page.get_by_role("status")).to_have_text("1 file(s) queued again.")
+    page.evaluate("window.stillThisPage = true")
     wait_for(service.archived("late1"), "late1 to be archived after the retry")
-    page.reload()
+    # The task page follows its task's events: the file shows stored without a reload.
     expect(page.locator("article.asset .state")).to_have_text("stored")
     expect(page.locator("article.asset video")).to_have_count(1)
+    assert page.evaluate("window.stillThisPage") is True
 
     page.get_by_role("link", name="Events", exact=True).click()
     expect(page.locator("table").first).to_contain_text("task.archived")

@@ -284,6 +284,21 @@ def test_overview_counts_statuses_sources_backlog_and_storage(client: TestClient
     assert "deliveries per minute" in page and "3 in all" in page
 
 
+def test_live_pages_listen_from_the_newest_event_before_they_were_read(
+    client: TestClient,
+) -> None:
+    """An event written after the page was read but before its script connects is not lost:
+    the stream starts after the newest event the page could have shown."""
+    assert 'data-live="/live?after=0"' in client.get("/tasks").text
+    deliver(client, task("l1"))
+    assert client.portal is not None
+    newest = client.portal.call(lambda: ledger_of(client).outbound_events(limit=1))[0].id
+    for path in ("/", "/tasks", "/failures", "/events"):
+        assert f'data-live="/live?after={newest}"' in client.get(path).text, path
+    task_page = client.get("/tasks/l1").text
+    assert f'data-live="/live?after={newest}&amp;task_id=l1"' in task_page
+
+
 def test_task_list_filters_searches_and_pages(client: TestClient) -> None:
     deliver(client, task("a1"), action="videos/text2video")
     deliver(client, task("b1", "processing"), action="images/generations")

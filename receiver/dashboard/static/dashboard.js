@@ -11,8 +11,11 @@
 
   async function refresh() {
     timer = null;
-    // A form being filled in is not thrown away under its author.
-    if (busy || main.contains(document.activeElement) && document.activeElement.form) {
+    // A form being filled in, or a preview playing, is not thrown away under its user.
+    const playing = Array.from(main.querySelectorAll("video, audio")).some(function (m) {
+      return !m.paused;
+    });
+    if (busy || playing || main.contains(document.activeElement) && document.activeElement.form) {
       schedule();
       return;
     }
