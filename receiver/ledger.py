@@ -232,6 +232,7 @@ class Activity:
     learned_from: dict[str, int]  # finished tasks by how their end was learned
     per_minute: list[tuple[str, int]]  # ("YYYY-MM-DDTHH:MM", deliveries first received then)
     endpoints: list[EndpointHealth]
+    oldest_unfinished: str | None = None  # the task_id of the oldest task not finished
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,20 @@ FROM next, tasks
 WHERE assets.id = next.id AND tasks.id = assets.task_pk
 RETURNING assets.*, tasks.task_id, tasks.action, tasks.params"""
 
+# The oldest unfinished task: the first of each unfinished status on its (status, id) index,
+# rather than a sort of every unfinished task.
+_OLDEST_UNFINISHED = """
+SELECT task_id FROM (
+    (SELECT id, task_id FROM tasks WHERE status IS NULL AND task_id IS NOT NULL
+     ORDER BY id LIMIT 1)
+    UNION ALL
+    (SELECT id, task_id FROM tasks WHERE status = %s AND task_id IS NOT NULL
+     ORDER BY id LIMIT 1)
+    UNION ALL
+    (SELECT id, task_id FROM tasks WHERE status = %s AND task_id IS NOT NULL
+     ORDER BY id LIMIT 1)
+) AS oldest ORDER BY id LIMIT 1"""
+
 _CONNECT_TIMEOUT = 5  # seconds, for each new connection
 _RECONNECT_GIVE_UP = 5.0  # seconds of failed reconnection before the next call starts afresh
 _RETRIED = (errors.DeadlockDetected, errors.SerializationFailure)
@@ -300,7 +314,15 @@ class PostgresLedger:
                    WHERE state IN ('pending', 'failed') GROUP BY endpoint, state"""
             )
             waiting = [(r["endpoint"], r["state"], r["n"]) for r in await cur.fetchall()]
-            return Activity(by_status, learned, minutes, endpoint_health(endpoints, waiting))
+            cur = await conn.execute(_OLDEST_UNFINISHED, UNFINISHED_STATUSES)
+            oldest = await cur.fetchone()
+            return Activity(
+                by_status,
+                learned,
+                minutes,
+                endpoint_health(endpoints, waiting),
+                oldest_unfinished=None if oldest is None else oldest["task_id"],
+            )
 
         return await self._run(op)
 

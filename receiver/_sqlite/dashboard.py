@@ -8,6 +8,7 @@ from typing import Any
 from receiver import _rows
 from receiver.ledger import (
     PROBLEM_STATES,
+    UNFINISHED_STATUSES,
     Activity,
     AssetProblem,
     ProblemPage,
@@ -17,6 +18,20 @@ from receiver.models import AssetState, TaskStatus
 from receiver.rules import encode_cursor
 
 __all__ = ["activity", "asset_problems", "task_filter"]
+
+# The oldest unfinished task: the first of each unfinished status on its (status, id) index,
+# rather than a sort of every unfinished task.
+_OLDEST_UNFINISHED = """
+SELECT task_id FROM (
+    SELECT * FROM (SELECT id, task_id FROM tasks WHERE status IS NULL AND task_id IS NOT NULL
+                   ORDER BY id LIMIT 1) AS unknown
+    UNION ALL
+    SELECT * FROM (SELECT id, task_id FROM tasks WHERE status = ? AND task_id IS NOT NULL
+                   ORDER BY id LIMIT 1) AS first
+    UNION ALL
+    SELECT * FROM (SELECT id, task_id FROM tasks WHERE status = ? AND task_id IS NOT NULL
+                   ORDER BY id LIMIT 1) AS second
+) AS oldest ORDER BY id LIMIT 1"""
 
 
 def task_filter(
@@ -95,7 +110,9 @@ def activity(conn: sqlite3.Connection, since: str) -> Activity:
         """SELECT endpoint, state, count(*) FROM event_deliveries
            WHERE state IN ('pending', 'failed') GROUP BY endpoint, state"""
     ).fetchall()
+    oldest = conn.execute(_OLDEST_UNFINISHED, UNFINISHED_STATUSES).fetchone()
     return Activity(
+        oldest_unfinished=None if oldest is None else oldest[0],
         by_status={status or "unknown": count for status, count in by_status},
         learned_from={source: count for source, count in learned},
         per_minute=[(minute, count) for minute, count in minutes],

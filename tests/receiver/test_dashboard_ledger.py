@@ -97,6 +97,7 @@ async def test_activity_counts_statuses_sources_deliveries_and_endpoints(ledger:
     await ledger.apply(update(body("p", "succeed", 2, task_result={}), source=Source.poll))
     await ledger.apply(update(body("f", "failed", 1), channel("f")))
     found = await ledger.activity(since)
+    assert found.oldest_unfinished == "s"
     assert found.by_status == {"submitted": 1, "succeed": 1, "failed": 1}
     assert found.learned_from == {"poll": 1, "callback": 1}
     assert sum(count for _, count in found.per_minute) == 4
@@ -106,3 +107,5 @@ async def test_activity_counts_statuses_sources_deliveries_and_endpoints(ledger:
     ]
     assert found.endpoints[0].pending >= 3  # events of the changes above wait to be sent
     assert (await ledger.activity(utc_in(3600))).per_minute == []
+    await ledger.apply(update(body("s", "failed", 2), channel("s")))
+    assert (await ledger.activity(since)).oldest_unfinished is None
