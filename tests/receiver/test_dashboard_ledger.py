@@ -3,6 +3,8 @@ pages, unstored assets across tasks, and the overview's counts."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from receiver._clock import utc_in, utc_now
@@ -33,7 +35,10 @@ async def test_tasks_filter_by_action_flag_date_and_search(ledger: Ledger) -> No
     """Each filter narrows the newest-first list; search finds a task by either id."""
     await ledger.apply(update(body("a1", "submitted", 1), channel("1"), action=T2V))
     await ledger.apply(update(body("b1", "processing", 1), channel("2"), action="images/gen"))
-    middle = utc_now()
+    # Times have millisecond resolution: a2 is recorded in a later millisecond than b1.
+    b1 = await ledger.task("b1")
+    assert b1 is not None
+    await asyncio.sleep(0.002)
     await ledger.apply(
         update(
             body("a2", "processing", 1, task_info={"external_task_id": "ext-a2"}),
@@ -41,6 +46,10 @@ async def test_tasks_filter_by_action_flag_date_and_search(ledger: Ledger) -> No
             action=T2V,
         )
     )
+    a2 = await ledger.task("a2")
+    assert a2 is not None
+    middle = a2.created_at
+    assert middle > b1.created_at
     assert await ids(ledger, action=T2V) == ["a2", "a1"]
     assert await ids(ledger, action="images/gen") == ["b1"]
     assert await ids(ledger, action="nothing/here") == []
