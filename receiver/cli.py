@@ -109,6 +109,7 @@ def banner(settings: Settings) -> str:
         else "from the environment"
     )
     rows = [
+        ("dashboard", f"{base}/  (sign in with ADMIN_TOKEN)"),
         (
             "callbacks",
             f"POST {base}{tokens.CALLBACK_PREFIX}/…  (`kling-receiver callback-url` "

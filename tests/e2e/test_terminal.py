@@ -69,6 +69,7 @@ def test_a_terminal_gets_a_banner_and_readable_lines(tmp_path: Path) -> None:
     try:
         shown = read_until(fd, lambda text: "Ctrl-C stops it" in text)
         assert "kling-receiver is listening on http://127.0.0.1:" in shown, shown
+        assert "dashboard  http://127.0.0.1:" in shown
         secrets = (tmp_path / "data" / "secrets.json").resolve()
         assert f"secrets    {secrets} (generated here:" in shown
         assert f"storage    {(tmp_path / 'data' / 'assets').as_posix()}" in shown
