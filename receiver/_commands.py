@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from receiver._clock import age_seconds
+from receiver._progress import Progress
 from receiver.database import open_ledger
 from receiver.documents import task_json
 from receiver.events import EVENT_TYPES, replay_request
 from receiver.kling import KlingClient, KlingError, client_for
 from receiver.ledger import Ledger
-from receiver.models import PayloadError, Source, TaskRecord, TaskStatus
+from receiver.models import AssetState, PayloadError, Source, TaskRecord, TaskStatus
 from receiver.poller import poll_after, update_from_reply
 from receiver.settings import ConfigError, Settings
 from receiver.submit import SubmitError, submit
@@ -75,8 +76,11 @@ def add_task_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     listing.add_argument("--json", action="store_true", help="print the API's JSON")
     listing.set_defaults(handler=_tasks)
 
-    again = commands.add_parser("retry", help="download a task's failed assets again")
-    again.add_argument("task_id")
+    again = commands.add_parser("retry", help="download the failed assets of tasks again")
+    again.add_argument("task_ids", nargs="*", metavar="TASK_ID")
+    again.add_argument(
+        "--failed", action="store_true", help="every task with a failed asset, found in the ledger"
+    )
     again.add_argument(
         "--force", action="store_true", help="also fetch stored assets again and compare hashes"
     )
@@ -199,27 +203,21 @@ def _age(text: str) -> int:
 
 
 def _sweep(settings: Settings, args: argparse.Namespace) -> int:
-    interactive = sys.stderr.isatty()
+    bar = Progress(lines=True)  # a line per page where there is no terminal, as a log wants
 
     def progress(tally: Tally) -> None:
-        of = f" of {tally.total}" if tally.total is not None else ""
-        line = f"swept {tally.seen}{of} tasks: {tally.adopted} adopted, {tally.known} known"
-        print(
-            ("\r" + line) if interactive else line,
-            end="" if interactive else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
+        line = f"tasks swept: {tally.adopted} adopted, {tally.known} known"
+        bar.show(tally.seen, tally.total, line, force=True)
 
     async def work(ledger: Ledger, client: KlingClient) -> int:
         end = now_ms()
         try:
             tally = await sweep(ledger, client, settings, end - args.since, end, progress=progress)
         except KlingError as exc:
-            print(f"\nkling-receiver: the sweep stopped: {exc}", file=sys.stderr)
+            bar.close()
+            print(f"kling-receiver: the sweep stopped: {exc}", file=sys.stderr)
             return 1
-        if interactive:
-            print(file=sys.stderr)
+        bar.close()
         print(
             f"{tally.seen} tasks seen, {tally.adopted} adopted, {tally.known} already known"
             + (f", {tally.unreadable} unreadable" if tally.unreadable else "")
@@ -257,17 +255,40 @@ def _tasks(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _retry(settings: Settings, args: argparse.Namespace) -> int:
-    """Queue a task's failed assets again (with --force, its stored ones too)."""
+    """Queue the failed assets of tasks again (with --force, their stored ones too)."""
+    if bool(args.task_ids) == args.failed:
+        raise ConfigError("name the tasks to retry, or give --failed for every failed one")
 
     async def work(ledger: Ledger) -> int:
-        queued = await ledger.requeue(args.task_id, force=args.force)
-        if queued is None:
-            print(f"kling-receiver: no task {args.task_id!r} is recorded", file=sys.stderr)
-            return 1
-        print(f"queued {queued} asset(s) of task {args.task_id} for download")
-        return 0
+        task_ids = list(dict.fromkeys(args.task_ids)) or await _failed_tasks(ledger)
+        progress = Progress()
+        queued, unknown = 0, []
+        for done, task_id in enumerate(task_ids, start=1):
+            found = await ledger.requeue(task_id, force=args.force)
+            if found is None:
+                unknown.append(task_id)
+            queued += found or 0
+            progress.show(done, len(task_ids), f"tasks, {queued} asset(s) queued")
+        progress.close()
+        for task_id in unknown:
+            print(f"kling-receiver: no task {task_id!r} is recorded", file=sys.stderr)
+        retried = len(task_ids) - len(unknown)
+        print(f"queued {queued} asset(s) of {retried} task(s) for download")
+        return 1 if unknown else 0
 
     return _run(settings, work)
+
+
+async def _failed_tasks(ledger: Ledger) -> list[str]:
+    """The tasks with an asset that failed for good, each once."""
+    found: dict[str, None] = {}
+    cursor = None
+    while True:
+        page = await ledger.asset_problems(state=AssetState.failed, limit=200, cursor=cursor)
+        found.update(dict.fromkeys(problem.task_id for problem in page.problems))
+        if page.next_cursor is None:
+            return list(found)
+        cursor = page.next_cursor
 
 
 def _summary(task: TaskRecord) -> str:

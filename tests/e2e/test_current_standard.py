@@ -236,7 +236,7 @@ def test_sweep_command_backfills_with_a_summary(
     first = service.cli("sweep", "--since", "30d")
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == "3 tasks seen, 3 adopted, 0 already known"
-    assert "swept 3 of 3 tasks" in first.stderr
+    assert "3/3 tasks swept" in first.stderr
     for task in old:
         wait_for(service.archived(task.task_id), "a backfilled task to be archived")
 

@@ -236,6 +236,34 @@ def test_retry_from_the_cli_and_the_api_fetches_again(
     assert_error(missing, 404, "unknown_task", "no-such-task")
 
 
+def test_retry_failed_queues_every_failed_task_again(
+    spawn: Callable[..., Service], media: MediaServer
+) -> None:
+    """`retry --failed` finds the tasks with a failed asset in the ledger and queues them all;
+    `retry` with nothing to retry says what it needs."""
+    service = spawn(DOWNLOAD_NOT_FOUND_TRIES="1")
+    body = media_bytes(5000, "late")
+    stored_url = media.add("/e2e/fine.mp4", body)
+    deliver(service, "kr_e2e_fine", succeed("e2efine", "kr_e2e_fine", [stored_url]))
+    for n in range(3):
+        late = media.url(f"/e2e/late{n}.mp4")
+        deliver(service, f"kr_e2e_late{n}", succeed(f"e2elate{n}", f"kr_e2e_late{n}", [late]))
+    for n in range(3):
+        wait_for(lambda n=n: asset_states(service, f"e2elate{n}")() == ["failed"], "a 404")
+        media.add(f"/e2e/late{n}.mp4", body)
+    wait_for(service.archived("e2efine"), "the file that was there")
+
+    retried = service.cli("retry", "--failed")
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.strip() == "queued 3 asset(s) of 3 task(s) for download"
+    for n in range(3):
+        wait_for(service.archived(f"e2elate{n}"), "the retried download")
+    assert len(media.hits("/e2e/fine.mp4")) == 1  # a stored file is left alone
+
+    nothing = service.cli("retry")
+    assert nothing.returncode == 2 and "--failed" in nothing.stderr
+
+
 def asset_states(service: Service, task_id: str) -> Callable[[], list[str]]:
     return lambda: [asset["state"] for asset in service.task(task_id)["assets"]]
 
