@@ -242,3 +242,23 @@ def test_without_the_token_nothing_is_shown(page: Page, service: Service) -> Non
     shoot(page, "signin-refused")
     live = page.request.get(service.base_url + "/live")
     assert live.status == 401
+
+
+def test_a_triggered_task_is_shown_archived_with_its_previews(page: Page, service: Service) -> None:
+    """`kling-receiver trigger succeed --with video,image` against the running service ends
+    with the task archived, and its page shows both files playable and stored."""
+    done = service.cli("trigger", "succeed", "--with", "video,image", timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    task_id = done.stdout.split("for task ")[1].split(":")[0]
+    assert f"task {task_id} archived: 2 files stored" in done.stdout
+
+    sign_in(page, service, f"/tasks/{task_id}")
+    expect(page.locator("#archived")).not_to_have_text("no")
+    expect(page.locator("article.asset .state")).to_have_text(["stored", "stored"])
+    expect(page.locator("article.asset video")).to_have_count(1)
+    expect(page.locator("article.asset img")).to_have_count(1)
+    page.wait_for_function(
+        "() => { const v = document.querySelector('article.asset video');"
+        " return v.readyState >= 1 && Number.isFinite(v.duration) && v.duration > 0 }"
+    )
+    page.wait_for_function("() => document.querySelector('article.asset img').naturalWidth > 0")
