@@ -14,14 +14,28 @@ from bench import _wrk
 from bench._core import Goal, Report, Role, Row, paired_ratio
 from bench._ingest_load import Workload
 
-__all__ = ["BARE", "PG_ONE", "PG_TWO", "SERVICE", "Ledger", "Sample", "report"]
+__all__ = [
+    "BARE",
+    "EVENTS",
+    "EVENTS_UNSENT",
+    "PG_ONE",
+    "PG_TWO",
+    "SERVICE",
+    "EventTally",
+    "Ledger",
+    "Sample",
+    "report",
+]
 
 BARE = "bare Starlette app: json.loads, 200"
 SERVICE = "kling-receiver serve: check, record, 200"
+EVENTS = "the same with one event endpoint (sink, 204)"
+EVENTS_UNSENT = "the same, endpoint set, dispatcher off"
 PG_ONE = "the same on PostgreSQL, 1 receiver"
 PG_TWO = "the same on PostgreSQL, 2 receivers"
 _RATIO_GOAL = 0.5
 _P99_GOAL_MS = 50.0
+_EVENTS_GOAL = 0.9  # with one endpoint / without, req/s in the same round
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +48,30 @@ class Ledger:
     events: int  # distinct deliveries kept
     tasks: int
     assets: int
+    outbound: int  # events in the outbox (written whether or not an endpoint is set)
     outcomes: dict[str, int]
     refused: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class EventTally:
+    """What a run with an event endpoint wrote and what its sink took."""
+
+    dispatching: bool  # False: EVENT_DISPATCH_CONCURRENCY=0, nothing is sent
+    written_start: int  # deliveries in the ledger when the measured run began
+    sent_start: int  # distinct events the sink had taken then
+    written_end: int  # the same two when wrk's measured run ended
+    sent_end: int
+    drain_seconds: float | None  # from then until no delivery was left; None: not in the bound
+    outbox: int  # events in the outbox once the service was killed
+    deliveries: dict[str, int]  # their deliveries, by state, then
+    received: int  # POSTs the sink took, all told
+    distinct: int  # distinct webhook-ids among those with a good signature
+    bad_signature: int
+    types: dict[str, int]
+    sink_cpu_seconds: float  # the sink's, in the measured run
+    sink_cpu_total: float  # the sink's, from its start to the end of the drain
+    attempt_ms: tuple[float, ...]  # each attempt's latency as the service recorded it
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +83,7 @@ class Sample:
     positions: int  # deliveries per wrk thread reached by the end of the measured run
     ledger: Ledger | None = None
     database_cpu_seconds: float | None = None  # PostgreSQL's, in the measured run
+    events: EventTally | None = None  # with an event endpoint
 
 
 def _server_stack() -> str:
@@ -68,6 +105,8 @@ def _ledger_problems(name: str, round_number: int, sample: Sample, connections: 
         problems.append(f"round {round_number}: {non_2xx} answers were not 2xx")
     if socket_errors:
         problems.append(f"round {round_number}: {socket_errors} socket errors or timeouts")
+    if sample.events is not None:
+        problems += _event_problems(round_number, sample.events)
     ledger = sample.ledger
     if ledger is None:
         return problems
@@ -92,6 +131,26 @@ def _ledger_problems(name: str, round_number: int, sample: Sample, connections: 
     return [f"{name}: {p}" for p in problems]
 
 
+def _event_problems(round_number: int, tally: EventTally) -> list[str]:
+    problems = []
+    written = sum(tally.deliveries.values())
+    if written != tally.outbox:
+        problems.append(
+            f"{tally.outbox} events in the outbox, {written} deliveries to the endpoint"
+        )
+    if tally.bad_signature:
+        problems.append(f"{tally.bad_signature} events reached the sink with a bad signature")
+    delivered = tally.deliveries.get("delivered", 0)
+    if not tally.dispatching:
+        if tally.received:
+            problems.append(f"the sink received {tally.received} events, none should be sent")
+    elif tally.drain_seconds is not None and tally.distinct != delivered:
+        problems.append(f"{delivered} deliveries recorded as sent, the sink took {tally.distinct}")
+    if tally.deliveries.get("failed"):
+        problems.append(f"{tally.deliveries['failed']} deliveries failed for good")
+    return [f"round {round_number}: {p}" for p in problems]
+
+
 def _problems(name: str, runs: list[Sample], connections: int) -> list[str]:
     return [
         problem
@@ -108,6 +167,17 @@ def _ledger_goal(target: str, runs: list[Sample], problems: list[str]) -> Goal:
 
 def _rps(runs: list[Sample]) -> list[float]:
     return [s.measured.per_second for s in runs]
+
+
+def _per_second(runs: list[Sample], count: str) -> tuple[float, ...]:
+    """Events written (`count` "written") or sent ("sent") per second of the measured run."""
+    rates = []
+    for sample in runs:
+        tally = sample.events
+        assert tally is not None
+        done = getattr(tally, f"{count}_end") - getattr(tally, f"{count}_start")
+        rates.append(done / sample.measured.seconds)
+    return tuple(rates)
 
 
 def _rows(samples: dict[str, list[Sample]]) -> list[Row]:
@@ -127,16 +197,21 @@ def _rows(samples: dict[str, list[Sample]]) -> list[Row]:
                 max(s.rss_growth_mib for s in runs),
             )
         ]
+        # Each subject runs once a round, so the n-th samples of two subjects share a round.
+        same_round = tuple(p / s for p, s in zip(rps, service_rps, strict=True))
         if name in (PG_ONE, PG_TWO):
-            # Each subject runs once a round, so the n-th samples of two subjects share a round.
             rows.append(
-                Row(
-                    f"  / {SERVICE.split(':')[0]} on SQLite, same round",
-                    role,
-                    "x",
-                    tuple(p / s for p, s in zip(rps, service_rps, strict=True)),
-                )
+                Row(f"  / {SERVICE.split(':')[0]} on SQLite, same round", role, "x", same_round)
             )
+        if name in (EVENTS, EVENTS_UNSENT):
+            rows += [
+                Row(f"  / {SERVICE.split(':')[0]} with none, same round", role, "x", same_round),
+                Row("  events written, measured run", role, "ev/s", _per_second(runs, "written")),
+            ]
+            if name == EVENTS:
+                rows.append(
+                    Row("  events sent, measured run", role, "ev/s", _per_second(runs, "sent"))
+                )
         rows += [
             Row("  p50 latency", role, "ms", tuple(s.measured.p50_ms for s in runs)),
             Row("  p99 latency", role, "ms", tuple(s.measured.p99_ms for s in runs)),
@@ -144,9 +219,9 @@ def _rows(samples: dict[str, list[Sample]]) -> list[Row]:
         return rows
 
     rows = subject_rows(BARE, Role.baseline) + subject_rows(SERVICE, Role.subject)
-    for name in (PG_ONE, PG_TWO):
+    for name in (EVENTS, EVENTS_UNSENT, PG_ONE, PG_TWO):
         if name in samples:
-            rows += subject_rows(name, Role.subject)
+            rows += subject_rows(name, Role.reference if name == EVENTS_UNSENT else Role.subject)
     return rows
 
 
@@ -177,6 +252,32 @@ def report(
         ),
         _ledger_goal("every answer 2xx; every 200 in the ledger after SIGKILL", service, problems),
     ]
+    if EVENTS in samples:
+        events = samples[EVENTS]
+        quotient = paired_ratio(_rps(events), _rps(service))
+        with_one = paired_ratio(_rps(events), _rps(samples[BARE]))
+        goals.append(
+            Goal(
+                f"with one event endpoint / without >= {_EVENTS_GOAL:.2f} (req/s, same round)",
+                f"{quotient:.2f} (of the bare app {with_one:.2f} / {ratio:.2f}"
+                f" = {with_one / ratio:.2f})",
+                quotient >= _EVENTS_GOAL,
+            )
+        )
+    events_names = [name for name in (EVENTS, EVENTS_UNSENT) if name in samples]
+    if events_names:
+        ev_problems = [
+            p for name in events_names for p in _problems(name, samples[name], connections)
+        ]
+        ev_runs = [s for name in events_names for s in samples[name]]
+        goals.append(
+            _ledger_goal(
+                "the same with an event endpoint; its sink and outbox agree",
+                ev_runs,
+                ev_problems,
+            )
+        )
+        problems += ev_problems
     postgres = [name for name in (PG_ONE, PG_TWO) if name in samples]
     if postgres:
         pg_problems = [p for name in postgres for p in _problems(name, samples[name], connections)]
@@ -187,7 +288,7 @@ def report(
         problems += pg_problems
     return Report(
         "ingest",
-        _setup(options, seed, wrk_version, workload, disk, database),
+        _setup(options, seed, wrk_version, workload, disk, database, len(samples)),
         tuple(_rows(samples)),
         tuple(goals),
         tuple(_notes(options, workload, samples, problems, disk)),
@@ -201,6 +302,7 @@ def _setup(
     workload: Workload,
     disk: str,
     database: str | None,
+    subjects: int,
 ) -> tuple[str, ...]:
     sizes = workload.body_bytes
     smallest = min(lo for lo, _, _ in sizes.values())
@@ -217,10 +319,25 @@ def _setup(
         f"         {smallest}-{largest} B (median by status: {medians}); {workload.families};"
         f" pool of {workload.tasks} tasks",
         f"servers  {_server_stack()}, access log off: the options `serve` uses, for"
-        f" {'all' if database else 'both'}",
+        f" {'both' if subjects == 2 else 'all'}",
         "service  fresh DATA_DIR each round, SQLite WAL synchronous=FULL; DOWNLOAD_CONCURRENCY=0;"
         " no Kling API key (no poller); LOG_LEVEL=INFO: one JSON line per delivery, to a file",
     ]
+    if options.ingest_events or options.ingest_events_unsent:
+        setup += [
+            "events   the outbox is written in every service run; with an endpoint:"
+            " EVENT_WEBHOOK_URLS=http://127.0.0.1:PORT/events, ALLOW_PRIVATE_EVENT_URLS=true,"
+            + (
+                f" EVENT_DISPATCH_CONCURRENCY={options.ingest_events_concurrency}"
+                if options.ingest_events_concurrency is not None
+                else f" EVENT_DISPATCH_CONCURRENCY unset (the default, {_default_concurrency()})"
+            )
+            + (", or 0 for the 'dispatcher off' row" if options.ingest_events_unsent else ""),
+            "         the endpoint: bench._event_sink, its own process, fresh each run (asyncio"
+            " Protocol, no framework: checks the signature, counts, answers 204); after wrk's"
+            f" run the dispatcher has up to {options.ingest_events_drain:g} s to send what is"
+            " left, then the service is killed and outbox and sink are compared",
+        ]
     if database is not None:
         half = options.ingest_threads // 2
         setup += [
@@ -246,6 +363,77 @@ def _setup(
             " SQLite service's in the same round; median in the median column"
         )
     return tuple(setup)
+
+
+def _default_concurrency() -> int:
+    from receiver.settings import Settings
+
+    default = Settings.model_fields["event_dispatch_concurrency"].default
+    return int(default)
+
+
+def _event_notes(options: argparse.Namespace, samples: dict[str, list[Sample]]) -> list[str]:
+    """Per round: what was written, what the sink had by the run's end and after the drain."""
+    notes = []
+    for name, label in ((EVENTS, "with one event endpoint"), (EVENTS_UNSENT, "dispatcher off")):
+        runs = samples.get(name)
+        if not runs:
+            continue
+        rounds = []
+        types: Counter[str] = Counter()
+        for sample in runs:
+            tally = sample.events
+            assert tally is not None and sample.ledger is not None
+            types.update(tally.types)
+            behind = tally.written_end - tally.sent_end
+            text = (
+                f"{tally.outbox} events for {sample.ledger.recorded} deliveries,"
+                f" {tally.written_end - tally.written_start} in the measured run"
+            )
+            if tally.dispatching:
+                caught = (
+                    f"all sent {tally.drain_seconds:.1f} s after"
+                    if tally.drain_seconds is not None
+                    else f"{tally.deliveries.get('pending', 0)} still unsent"
+                    f" {options.ingest_events_drain:g} s after"
+                )
+                text += (
+                    f"; {behind} unsent when wrk stopped, {caught}; the sink took"
+                    f" {tally.distinct} ({tally.received} POSTs), the ledger says"
+                    f" {tally.deliveries.get('delivered', 0)} delivered"
+                )
+            else:
+                text += f"; {tally.deliveries.get('pending', 0)} deliveries waiting, none sent"
+            rounds.append(text)
+        notes.append(
+            f"{label}, by round: "
+            + "; ".join(f"({n}) {t}" for n, t in enumerate(rounds, start=1))
+            + "."
+        )
+        if any(s.events and s.events.dispatching for s in runs):
+            attempts = sorted(ms for s in runs if s.events for ms in s.events.attempt_ms)
+            sink_us = statistics.median(
+                s.events.sink_cpu_total / max(1, s.events.received) * 1e6 for s in runs if s.events
+            )
+            sink_cores = statistics.median(
+                s.events.sink_cpu_seconds / s.measured.seconds for s in runs if s.events
+            )
+            total = sum(types.values()) or 1
+            notes.append(
+                f"{label}: events by type "
+                + ", ".join(f"{k} {v / total:.1%}" for k, v in types.most_common())
+                + f"; each attempt as the dispatcher timed it (all rounds, {len(attempts)}):"
+                f" p50 {_quantile(attempts, 0.5):.1f} ms, p99 {_quantile(attempts, 0.99):.1f} ms;"
+                f" the sink's CPU {sink_us:.0f} us per event (start and drain included),"
+                f" {sink_cores:.2f} cores in the measured run (medians)."
+            )
+    return notes
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def _notes(
@@ -299,6 +487,15 @@ def _notes(
         f" {server_cores(service):.2f}, wrk {wrk_cores(bare):.2f} / {wrk_cores(service):.2f},"
         f" of the {os.cpu_count()} they share with each other and whatever else runs.",
     ]
+    for name, label in ((EVENTS, "with one event endpoint"), (EVENTS_UNSENT, "dispatcher off")):
+        runs = samples.get(name)
+        if runs:
+            notes.append(
+                f"{label}: server CPU per request (median) {per_request_us(runs):.0f} us, against"
+                f" {per_request_us(service):.0f} us without an endpoint; cores used: server"
+                f" {server_cores(runs):.2f}, wrk {wrk_cores(runs):.2f}."
+            )
+    notes += _event_notes(options, samples)
     for name, label in ((PG_ONE, "1 receiver"), (PG_TWO, "2 receivers")):
         runs = samples.get(name)
         if runs:
@@ -322,7 +519,11 @@ def _notes(
         " must hold each delivery that was answered 200 (answered <= recorded <= answered +"
         " those in flight when wrk stopped), and exactly what the service counted.",
     ]
-    service_runs = [s for name in (SERVICE, PG_ONE, PG_TWO) for s in samples.get(name, [])]
+    service_runs = [
+        s
+        for name in (SERVICE, EVENTS, EVENTS_UNSENT, PG_ONE, PG_TWO)
+        for s in samples.get(name, [])
+    ]
     wrapped = max(s.positions for s in service_runs) - workload.capacity(options.ingest_threads)
     if wrapped > 0:
         notes.append(

@@ -11,6 +11,13 @@ bodies of 1-2 KB. The subjects are
 - the service, `kling-receiver serve`, which checks the URL's signature,
   parses and validates the task, records the delivery in SQLite (committed,
   synchronous=FULL) before its 200, and logs one JSON line per delivery;
+- unless `--no-ingest-events`, the service on SQLite with one event endpoint
+  (EVENT_WEBHOOK_URLS, ALLOW_PRIVATE_EVENT_URLS=true, the default dispatcher
+  concurrency): `bench._event_sink`, started for the run in its own process, checks
+  each event's signature, counts it and answers 204. After wrk's run the dispatcher
+  is given a bounded time to catch up, and what the sink received is set against
+  what the outbox holds. `--ingest-events-unsent` adds the same with
+  EVENT_DISPATCH_CONCURRENCY=0: the deliveries are written, never sent;
 - unless `--no-ingest-postgres`, the service on PostgreSQL (`bench._postgres`: one
   server for the run, a fresh database each run, fsync and synchronous commit on),
   with one receiver, then with two `serve` processes sharing the database and the
@@ -27,6 +34,7 @@ answer being 2xx.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import random
@@ -45,12 +53,23 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bench import _postgres, _wrk
 from bench._core import BenchError, Report, Role, shuffled_rounds
 from bench._ingest_load import BLOCK, Workload, build
-from bench._ingest_report import BARE, PG_ONE, PG_TWO, SERVICE, Ledger, Sample, report
+from bench._ingest_report import (
+    BARE,
+    EVENTS,
+    EVENTS_UNSENT,
+    PG_ONE,
+    PG_TWO,
+    SERVICE,
+    EventTally,
+    Ledger,
+    Sample,
+    report,
+)
 from bench._ledger_read import reading, sqlite_url
 from bench._machine import filesystem
 from bench._proc import status_kib
@@ -58,9 +77,24 @@ from bench._proc import status_kib
 __all__ = ["add_arguments", "preflight", "run"]
 
 _NO_POSTGRES = "--no-ingest-postgres"
+_EventMode = Literal["sent", "unsent"]  # an endpoint the dispatcher sends to, or none sending
 _ROOT = Path(__file__).resolve().parent.parent  # where `python -m bench._ingest_bare` finds bench
 _TICK = os.sysconf("SC_CLK_TCK")
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
+
+
+@dataclass(frozen=True, slots=True)
+class _Sink:
+    """`bench._event_sink`: the event endpoint of one run, in its own process."""
+
+    process: subprocess.Popen[bytes]
+    base_url: str
+
+    def stats(self) -> dict[str, Any]:
+        status, stats = _http("GET", self.base_url + "/stats")
+        if status != 200 or not isinstance(stats, dict):
+            raise BenchError(f"the event sink's /stats answered {status}")
+        return stats
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +104,8 @@ class _Server:
     processes: tuple[subprocess.Popen[bytes], ...]
     base_urls: tuple[str, ...]
     database_url: str = ""  # the service's ledger
+    sink: _Sink | None = None  # where its events go, when it has an endpoint
+    dispatching: bool = False  # whether its dispatcher sends them
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -109,6 +145,32 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         "--ingest-seed",
         type=int,
         help="seed for the workload and the order of subjects (default: random)",
+    )
+    group.add_argument(
+        "--ingest-events",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the service with one event endpoint, a local sink answering 204 (default: on)",
+    )
+    group.add_argument(
+        "--ingest-events-unsent",
+        action="store_true",
+        help="also the service with the endpoint set and EVENT_DISPATCH_CONCURRENCY=0: "
+        "deliveries written, never sent (to see what sending costs)",
+    )
+    group.add_argument(
+        "--ingest-events-concurrency",
+        type=int,
+        metavar="N",
+        help="EVENT_DISPATCH_CONCURRENCY for the run with an endpoint (default: unset, the "
+        "service's default)",
+    )
+    group.add_argument(
+        "--ingest-events-drain",
+        type=float,
+        default=60.0,
+        help="seconds, after each run with an endpoint, the dispatcher may take to send what "
+        "is left before the figures are read (default 60)",
     )
     group.add_argument(
         "--ingest-postgres",
@@ -206,11 +268,46 @@ def _spawn(
         )
 
 
+def _start_sink(directory: Path, event_secret: str) -> _Sink:
+    log = directory / "sink.log"
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "bench._event_sink",
+        "--port",
+        str(port),
+        "--secret",
+        event_secret,
+    ]
+    process = _spawn(command, _base_env(), _ROOT, log)
+    sink = _Sink(process, f"http://127.0.0.1:{port}")
+
+    def ready() -> bool:
+        return "received" in sink.stats()
+
+    _wait_ready(process, log, ready, "the event sink")
+    return sink
+
+
+@dataclass(frozen=True, slots=True)
+class _Secrets:
+    callback: str
+    admin_token: str
+    event: str  # EVENT_WEBHOOK_SECRET, a whsec_ key
+
+
 def _start_service(
-    secret: str, admin_token: str, receivers: int = 1, postgres: _postgres.Postgres | None = None
+    keys: _Secrets,
+    receivers: int = 1,
+    postgres: _postgres.Postgres | None = None,
+    events: _EventMode | None = None,
+    concurrency: int | None = None,
 ) -> Callable[[Path], _Server]:
     """`receivers` serve processes on one ledger: SQLite in the first one's DATA_DIR, or a
-    fresh database on `postgres`. They share the secrets, so each takes the others' URLs."""
+    fresh database on `postgres`. They share the secrets, so each takes the others' URLs.
+    With `events`, a fresh event sink is their one endpoint, sent to with `concurrency`
+    (None: the service's default) unless `events` is "unsent"."""
 
     def start(directory: Path) -> _Server:
         if postgres is None:
@@ -219,19 +316,36 @@ def _start_service(
             database = postgres.create_database()
         processes: list[subprocess.Popen[bytes]] = []
         bases: list[str] = []
+        sink = None
+        extra: dict[str, str] = {}
         try:
+            if events is not None:
+                sink = _start_sink(directory, keys.event)
+                extra = {
+                    "EVENT_WEBHOOK_URLS": sink.base_url + "/events",
+                    "ALLOW_PRIVATE_EVENT_URLS": "true",
+                }
+                if events == "unsent":
+                    extra["EVENT_DISPATCH_CONCURRENCY"] = "0"
+                elif concurrency is not None:
+                    extra["EVENT_DISPATCH_CONCURRENCY"] = str(concurrency)
             for number in range(receivers):
                 port = _free_port()
-                env = _base_env() | {
-                    "HOST": "127.0.0.1",
-                    "PORT": str(port),
-                    "DATA_DIR": str(directory / f"data-{number}"),
-                    "DATABASE_URL": database,
-                    "CALLBACK_SECRET": secret,
-                    "ADMIN_TOKEN": admin_token,
-                    "DOWNLOAD_CONCURRENCY": "0",
-                    "LOG_LEVEL": "INFO",
-                }
+                env = (
+                    _base_env()
+                    | {
+                        "HOST": "127.0.0.1",
+                        "PORT": str(port),
+                        "DATA_DIR": str(directory / f"data-{number}"),
+                        "DATABASE_URL": database,
+                        "CALLBACK_SECRET": keys.callback,
+                        "ADMIN_TOKEN": keys.admin_token,
+                        "EVENT_WEBHOOK_SECRET": keys.event,
+                        "DOWNLOAD_CONCURRENCY": "0",
+                        "LOG_LEVEL": "INFO",
+                    }
+                    | extra
+                )
                 # cwd: the scratch directory, so that no .env of the checkout is read.
                 log = directory / f"service-{number}.log"
                 processes.append(_spawn([*_service_command(), "serve"], env, directory, log))
@@ -240,16 +354,18 @@ def _start_service(
                 _wait_ready(
                     process,
                     directory / f"service-{number}.log",
-                    _service_ready(base, admin_token),
+                    _service_ready(base, keys.admin_token),
                     "kling-receiver serve",
                 )
         except BaseException:
             for process in processes:
                 _stop(process, signal.SIGKILL)
+            if sink is not None:
+                _stop(sink.process)
             if postgres is not None:
                 postgres.drop_database(database)
             raise
-        return _Server(tuple(processes), tuple(bases), database)
+        return _Server(tuple(processes), tuple(bases), database, sink, events == "sent")
 
     return start
 
@@ -289,6 +405,8 @@ def _serving(subject: _Subject, directory: Path) -> Iterator[_Server]:
     finally:
         for process in server.processes:
             _stop(process)
+        if server.sink is not None:
+            _stop(server.sink.process)
         if subject.postgres is not None:
             subject.postgres.drop_database(server.database_url)
 
@@ -326,6 +444,7 @@ def _ledger(database_url: str, stats: list[dict[str, Any]], answered_ok: int) ->
         )
         ((tasks,),) = query("SELECT count(*) FROM tasks")
         ((assets,),) = query("SELECT count(*) FROM assets")
+        ((outbound,),) = query("SELECT count(*) FROM outbox")
     outcomes: Counter[str] = Counter()
     refused: Counter[str] = Counter()
     for one in stats:
@@ -338,8 +457,69 @@ def _ledger(database_url: str, stats: list[dict[str, Any]], answered_ok: int) ->
         events=int(events),
         tasks=int(tasks),
         assets=int(assets),
+        outbound=int(outbound),
         outcomes=dict(outcomes),
         refused={k: v for k, v in refused.items() if v},
+    )
+
+
+# -- the service's events --------------------------------------------------------
+
+
+def _event_counts(server: _Server) -> tuple[int, int]:
+    """(deliveries written for the endpoint, distinct events the sink has taken), now."""
+    assert server.sink is not None
+    with reading(server.database_url) as query:
+        ((written,),) = query("SELECT count(*) FROM event_deliveries")
+    return int(written), int(server.sink.stats()["distinct"])
+
+
+def _drain(server: _Server, bound: float) -> float | None:
+    """Seconds until no delivery is left to send, waiting at most `bound`; None if some are."""
+    started = time.monotonic()
+    while True:
+        with reading(server.database_url) as query:
+            ((waiting,),) = query("SELECT count(*) FROM event_deliveries WHERE state = 'pending'")
+        elapsed = time.monotonic() - started
+        if not waiting:
+            return elapsed
+        if elapsed >= bound:
+            return None
+        time.sleep(0.1)
+
+
+def _event_tally(
+    server: _Server,
+    start: tuple[int, int],
+    end: tuple[int, int],
+    drained: float | None,
+    sink_cpu: float,
+) -> EventTally:
+    """What the outbox and the sink hold once the service is gone (SIGKILLed)."""
+    assert server.sink is not None
+    with reading(server.database_url) as query:
+        ((outbox,),) = query("SELECT count(*) FROM outbox")
+        states = query("SELECT state, count(*) FROM event_deliveries GROUP BY state")
+        latencies = sorted(
+            float(ms) for (ms,) in query("SELECT latency_ms FROM event_attempts") if ms is not None
+        )
+    stats = server.sink.stats()
+    return EventTally(
+        dispatching=server.dispatching,
+        written_start=start[0],
+        sent_start=start[1],
+        written_end=end[0],
+        sent_end=end[1],
+        drain_seconds=drained,
+        outbox=int(outbox),
+        deliveries={str(state): int(n) for state, n in states},
+        received=int(stats["received"]),
+        distinct=int(stats["distinct"]),
+        bad_signature=int(stats["bad_signature"]),
+        types={str(k): int(v) for k, v in stats["types"].items()},
+        sink_cpu_seconds=sink_cpu,
+        sink_cpu_total=_cpu_seconds(server.sink.process.pid),
+        attempt_ms=tuple(latencies),
     )
 
 
@@ -369,27 +549,42 @@ def _measure_one(
     def database_cpu() -> float:
         return subject.postgres.cpu_seconds() if subject.postgres is not None else 0.0
 
+    def sink_cpu(server: _Server) -> float:
+        return _cpu_seconds(server.sink.process.pid) if server.sink is not None else 0.0
+
     with _serving(subject, directory) as server:
         pids = [process.pid for process in server.processes]
         rss_before = [status_kib("VmRSS", pid) for pid in pids]
         warmup = drive(server, options.ingest_warmup, 0)
         start = max(thread["next_position"] for thread in warmup.threads)
+        events_start = _event_counts(server) if server.sink is not None else (0, 0)
         cpu_before = sum(_cpu_seconds(pid) for pid in pids)
         database_before = database_cpu()
+        sink_before = sink_cpu(server)
         measured = drive(server, options.ingest_seconds, start)
         cpu = sum(_cpu_seconds(pid) for pid in pids) - cpu_before
         database = database_cpu() - database_before
+        sink_seconds = sink_cpu(server) - sink_before
         growth = max(
             status_kib("VmHWM", pid) - before for pid, before in zip(pids, rss_before, strict=True)
         )
         positions = max(thread["next_position"] for thread in measured.threads)
+        events_end = (0, 0)
+        drained = None
+        if server.sink is not None:
+            events_end = _event_counts(server)
+            if server.dispatching:
+                drained = _drain(server, options.ingest_events_drain)
         ledger = None
-        if subject.role is Role.subject:
+        tally = None
+        if subject.role is not Role.baseline:
             stats = [_settled_stats(base, admin_token) for base in server.base_urls]
             # Killed, not stopped: whatever was answered 200 must already be in the database.
             for process in server.processes:
                 _stop(process, signal.SIGKILL)
             ledger = _ledger(server.database_url, stats, warmup.ok + measured.ok)
+            if server.sink is not None:
+                tally = _event_tally(server, events_start, events_end, drained, sink_seconds)
     if subject.role is Role.baseline:
         errors = measured.non_2xx + measured.socket_errors + warmup.non_2xx + warmup.socket_errors
         if errors:
@@ -405,6 +600,7 @@ def _measure_one(
         positions,
         ledger,
         database if subject.postgres is not None else None,
+        tally,
     )
 
 
@@ -435,7 +631,14 @@ def _measure(
 
 
 def _slug(subject: _Subject) -> str:
-    return {BARE: "bare", SERVICE: "sqlite", PG_ONE: "pg-1", PG_TWO: "pg-2"}[subject.name]
+    return {
+        BARE: "bare",
+        SERVICE: "sqlite",
+        EVENTS: "events",
+        EVENTS_UNSENT: "events-unsent",
+        PG_ONE: "pg-1",
+        PG_TWO: "pg-2",
+    }[subject.name]
 
 
 def run(options: argparse.Namespace) -> Report:
@@ -443,6 +646,12 @@ def run(options: argparse.Namespace) -> Report:
     for name in ("seconds", "warmup", "connections", "threads", "tasks"):
         if getattr(options, f"ingest_{name}") < 1:
             raise BenchError(f"--ingest-{name} must be at least 1")
+    if options.ingest_events_concurrency is not None and not (
+        1 <= options.ingest_events_concurrency <= 64
+    ):
+        raise BenchError("--ingest-events-concurrency must be from 1 to 64")
+    if options.ingest_events_drain < 0:
+        raise BenchError("--ingest-events-drain must be at least 0")
     if options.ingest_connections < options.ingest_threads:
         raise BenchError("--ingest-connections must be at least --ingest-threads")
     if options.ingest_postgres and options.ingest_threads % 2:
@@ -452,23 +661,35 @@ def run(options: argparse.Namespace) -> Report:
     bindir = _postgres.require(f"pass {_NO_POSTGRES}") if options.ingest_postgres else None
     binary = _wrk.ensure_installed()
     seed = options.ingest_seed if options.ingest_seed is not None else random.randrange(1 << 16)
-    secret, admin_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    keys = _Secrets(
+        secrets.token_urlsafe(32),
+        secrets.token_urlsafe(32),
+        "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
+    )
     scratch = Path(tempfile.mkdtemp(prefix="kling-bench-ingest-", dir=options.dir))
     try:
         with ExitStack() as stack:
             subjects = [
                 _Subject(BARE, Role.baseline, _start_bare),
-                _Subject(SERVICE, Role.subject, _start_service(secret, admin_token)),
+                _Subject(SERVICE, Role.subject, _start_service(keys)),
             ]
+            if options.ingest_events:
+                start = _start_service(
+                    keys, events="sent", concurrency=options.ingest_events_concurrency
+                )
+                subjects.append(_Subject(EVENTS, Role.subject, start))
+            if options.ingest_events_unsent:
+                start = _start_service(keys, events="unsent")
+                subjects.append(_Subject(EVENTS_UNSENT, Role.reference, start))
             postgres = None
             if bindir is not None:
                 postgres = stack.enter_context(_postgres.serving(options.dir, bindir))
                 for name, receivers in ((PG_ONE, 1), (PG_TWO, 2)):
-                    start = _start_service(secret, admin_token, receivers, postgres)
+                    start = _start_service(keys, receivers, postgres)
                     subjects.append(_Subject(name, Role.subject, start, postgres))
             tasks = max(options.ingest_tasks, BLOCK * options.ingest_threads)  # a block per thread
-            workload = build(scratch / "workload", secret, tasks=tasks, seed=seed)
-            samples = _measure(subjects, scratch, options, binary, workload, admin_token, seed)
+            workload = build(scratch / "workload", keys.callback, tasks=tasks, seed=seed)
+            samples = _measure(subjects, scratch, options, binary, workload, keys.admin_token, seed)
             disk = filesystem(scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
