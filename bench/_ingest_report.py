@@ -63,6 +63,8 @@ class EventTally:
     written_end: int  # the same two when wrk's measured run ended
     sent_end: int
     drain_seconds: float | None  # from then until no delivery was left; None: not in the bound
+    drain_rate: float | None  # events the sink took per second meanwhile
+    drain_cpu_per_event: float | None  # the service's CPU seconds meanwhile, per event sent
     outbox: int  # events in the outbox once the service was killed
     deliveries: dict[str, int]  # their deliveries, by state, then
     received: int  # POSTs the sink took, all told
@@ -71,7 +73,8 @@ class EventTally:
     types: dict[str, int]
     sink_cpu_seconds: float  # the sink's, in the measured run
     sink_cpu_total: float  # the sink's, from its start to the end of the drain
-    attempt_ms: tuple[float, ...]  # each attempt's latency as the service recorded it
+    attempt_ms: tuple[float, ...]  # each attempt's latency as the service recorded it, sorted
+    attempt_ms_measured: tuple[float, ...]  # those of the attempts ended in the measured run
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +415,7 @@ def _event_notes(options: argparse.Namespace, samples: dict[str, list[Sample]]) 
         )
         if any(s.events and s.events.dispatching for s in runs):
             attempts = sorted(ms for s in runs if s.events for ms in s.events.attempt_ms)
+            loaded = sorted(ms for s in runs if s.events for ms in s.events.attempt_ms_measured)
             sink_us = statistics.median(
                 s.events.sink_cpu_total / max(1, s.events.received) * 1e6 for s in runs if s.events
             )
@@ -422,12 +426,42 @@ def _event_notes(options: argparse.Namespace, samples: dict[str, list[Sample]]) 
             notes.append(
                 f"{label}: events by type "
                 + ", ".join(f"{k} {v / total:.1%}" for k, v in types.most_common())
-                + f"; each attempt as the dispatcher timed it (all rounds, {len(attempts)}):"
-                f" p50 {_quantile(attempts, 0.5):.1f} ms, p99 {_quantile(attempts, 0.99):.1f} ms;"
+                + f"; each attempt (resolve, sign, POST, answer) as the dispatcher timed it, all"
+                f" rounds: p50 {_quantile(attempts, 0.5):.1f} ms, p99"
+                f" {_quantile(attempts, 0.99):.1f} ms ({len(attempts)}), of those ended in the"
+                f" measured runs p50 {_quantile(loaded, 0.5):.1f} ms, p99"
+                f" {_quantile(loaded, 0.99):.1f} ms ({len(loaded)});"
                 f" the sink's CPU {sink_us:.0f} us per event (start and drain included),"
                 f" {sink_cores:.2f} cores in the measured run (medians)."
             )
+            notes.append(_keeping_up(label, runs))
     return notes
+
+
+def _keeping_up(label: str, runs: list[Sample]) -> str:
+    """How much of what was written the dispatcher sent under load, and what it costs alone."""
+    tallies = [s.events for s in runs if s.events is not None]
+    shares = [
+        (t.sent_end - t.sent_start) / (t.written_end - t.written_start)
+        for t in tallies
+        if t.written_end > t.written_start
+    ]
+    written = statistics.median(_per_second(runs, "written"))
+    text = (
+        f"{label}: while wrk ran, the sink took {statistics.median(shares):.1%} of the events"
+        " written (median of rounds)"
+    )
+    rates = [t.drain_rate for t in tallies if t.drain_rate is not None]
+    costs = [t.drain_cpu_per_event for t in tallies if t.drain_cpu_per_event is not None]
+    if rates and costs:
+        cost = statistics.median(costs)
+        text += (
+            f"; once it stopped, the dispatcher sent {statistics.median(rates):.0f} events/s,"
+            f" the service spending {cost * 1e6:.0f} us of CPU per event sent (medians): sending"
+            f" the measured run's {written:.0f} events/s as they were written would take"
+            f" {written * cost:.1f} cores for that alone"
+        )
+    return text + "."
 
 
 def _quantile(values: list[float], q: float) -> float:

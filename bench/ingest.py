@@ -73,6 +73,7 @@ from bench._ingest_report import (
 from bench._ledger_read import reading, sqlite_url
 from bench._machine import filesystem
 from bench._proc import status_kib
+from receiver._clock import stamp
 
 __all__ = ["add_arguments", "preflight", "run"]
 
@@ -474,35 +475,54 @@ def _event_counts(server: _Server) -> tuple[int, int]:
     return int(written), int(server.sink.stats()["distinct"])
 
 
-def _drain(server: _Server, bound: float) -> float | None:
-    """Seconds until no delivery is left to send, waiting at most `bound`; None if some are."""
+@dataclass(frozen=True, slots=True)
+class _Drained:
+    """The dispatcher sending what was left once wrk stopped."""
+
+    seconds: float  # until no delivery was left, or the bound
+    done: bool  # whether none was left
+    cpu_seconds: float  # the service's, meanwhile
+    sent: int  # events the sink took meanwhile
+
+
+def _drain(server: _Server, bound: float) -> _Drained:
+    """Wait until no delivery is left to send, at most `bound` seconds."""
+    assert server.sink is not None
+    pids = [process.pid for process in server.processes]
+    cpu_before = sum(_cpu_seconds(pid) for pid in pids)
+    sent_before = int(server.sink.stats()["distinct"])
     started = time.monotonic()
     while True:
         with reading(server.database_url) as query:
             ((waiting,),) = query("SELECT count(*) FROM event_deliveries WHERE state = 'pending'")
         elapsed = time.monotonic() - started
-        if not waiting:
-            return elapsed
-        if elapsed >= bound:
-            return None
+        if not waiting or elapsed >= bound:
+            break
         time.sleep(0.1)
+    return _Drained(
+        elapsed,
+        not waiting,
+        sum(_cpu_seconds(pid) for pid in pids) - cpu_before,
+        int(server.sink.stats()["distinct"]) - sent_before,
+    )
 
 
 def _event_tally(
     server: _Server,
     start: tuple[int, int],
     end: tuple[int, int],
-    drained: float | None,
+    drained: _Drained | None,
     sink_cpu: float,
+    measured: tuple[float, float],
 ) -> EventTally:
-    """What the outbox and the sink hold once the service is gone (SIGKILLed)."""
+    """What the outbox and the sink hold once the service is gone (SIGKILLed); `measured`:
+    when wrk's measured run began and ended (time.time())."""
     assert server.sink is not None
+    began, ended = (stamp(t) for t in measured)
     with reading(server.database_url) as query:
         ((outbox,),) = query("SELECT count(*) FROM outbox")
         states = query("SELECT state, count(*) FROM event_deliveries GROUP BY state")
-        latencies = sorted(
-            float(ms) for (ms,) in query("SELECT latency_ms FROM event_attempts") if ms is not None
-        )
+        attempts = query("SELECT at, latency_ms FROM event_attempts")
     stats = server.sink.stats()
     return EventTally(
         dispatching=server.dispatching,
@@ -510,7 +530,11 @@ def _event_tally(
         sent_start=start[1],
         written_end=end[0],
         sent_end=end[1],
-        drain_seconds=drained,
+        drain_seconds=drained.seconds if drained is not None and drained.done else None,
+        drain_rate=drained.sent / drained.seconds if drained and drained.seconds else None,
+        drain_cpu_per_event=(
+            drained.cpu_seconds / drained.sent if drained is not None and drained.sent else None
+        ),
         outbox=int(outbox),
         deliveries={str(state): int(n) for state, n in states},
         received=int(stats["received"]),
@@ -519,7 +543,8 @@ def _event_tally(
         types={str(k): int(v) for k, v in stats["types"].items()},
         sink_cpu_seconds=sink_cpu,
         sink_cpu_total=_cpu_seconds(server.sink.process.pid),
-        attempt_ms=tuple(latencies),
+        attempt_ms=tuple(sorted(float(ms) for _, ms in attempts)),
+        attempt_ms_measured=tuple(sorted(float(ms) for at, ms in attempts if began <= at <= ended)),
     )
 
 
@@ -561,7 +586,9 @@ def _measure_one(
         cpu_before = sum(_cpu_seconds(pid) for pid in pids)
         database_before = database_cpu()
         sink_before = sink_cpu(server)
+        began = time.time()
         measured = drive(server, options.ingest_seconds, start)
+        ended = time.time()
         cpu = sum(_cpu_seconds(pid) for pid in pids) - cpu_before
         database = database_cpu() - database_before
         sink_seconds = sink_cpu(server) - sink_before
@@ -584,7 +611,9 @@ def _measure_one(
                 _stop(process, signal.SIGKILL)
             ledger = _ledger(server.database_url, stats, warmup.ok + measured.ok)
             if server.sink is not None:
-                tally = _event_tally(server, events_start, events_end, drained, sink_seconds)
+                tally = _event_tally(
+                    server, events_start, events_end, drained, sink_seconds, (began, ended)
+                )
     if subject.role is Role.baseline:
         errors = measured.non_2xx + measured.socket_errors + warmup.non_2xx + warmup.socket_errors
         if errors:
