@@ -7,10 +7,10 @@ rows) from tables with the same columns, so one function per record serves both.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from receiver.ledger import AssetJob, AssetResult, Submission
+from receiver.ledger import AssetJob, AssetProblem, AssetResult, ProblemPage, Submission
 from receiver.models import (
     AssetKind,
     AssetRecord,
@@ -20,11 +20,13 @@ from receiver.models import (
     TaskRecord,
     TaskStatus,
 )
+from receiver.rules import encode_cursor
 
 __all__ = [
     "asset_job",
     "asset_record",
     "event_record",
+    "problem_page",
     "settled",
     "source",
     "status",
@@ -150,3 +152,20 @@ def settled(result: AssetResult) -> tuple[Any, ...]:
         result.content_type,
         result.stored_at,
     )
+
+
+def problem_page(rows: Sequence[Row], limit: int) -> ProblemPage:
+    """A page of `Ledger.asset_problems` from up to `limit + 1` rows of assets joined with
+    their task's `task_id` and `action`, newest first (the extra row says there is more)."""
+    problems = [
+        AssetProblem(
+            id=row["id"],
+            task_id=row["task_id"],
+            action=row["action"],
+            asset=asset_record(row),
+            updated_at=row["updated_at"],
+        )
+        for row in rows[:limit]
+    ]
+    more = len(rows) > limit
+    return ProblemPage(problems, encode_cursor(rows[limit - 1]["id"]) if more else None)

@@ -32,7 +32,6 @@ from receiver.ledger import (
     Activity,
     Applied,
     AssetJob,
-    AssetProblem,
     AssetResult,
     Backlog,
     DeliveryAttempt,
@@ -275,18 +274,7 @@ class PostgresLedger:
                 (states, before, before, limit + 1),
             )
             rows = await cur.fetchall()
-            problems = [
-                AssetProblem(
-                    id=row["id"],
-                    task_id=row["task_id"],
-                    action=row["action"],
-                    asset=_rows.asset_record(row),
-                    updated_at=row["updated_at"],
-                )
-                for row in rows[:limit]
-            ]
-            more = len(rows) > limit
-            return ProblemPage(problems, encode_cursor(rows[limit - 1]["id"]) if more else None)
+            return _rows.problem_page(rows, limit)
 
         return await self._run(op)
 

@@ -10,12 +10,10 @@ from receiver.ledger import (
     PROBLEM_STATES,
     UNFINISHED_STATUSES,
     Activity,
-    AssetProblem,
     ProblemPage,
     endpoint_health,
 )
 from receiver.models import AssetState, TaskStatus
-from receiver.rules import encode_cursor
 
 __all__ = ["activity", "asset_problems", "task_filter"]
 
@@ -80,18 +78,7 @@ def asset_problems(
             ORDER BY a.id DESC LIMIT ?""",
         (*states, before, before, limit + 1),
     ).fetchall()
-    problems = [
-        AssetProblem(
-            id=row["id"],
-            task_id=row["task_id"],
-            action=row["action"],
-            asset=_rows.asset_record(row),
-            updated_at=row["updated_at"],
-        )
-        for row in rows[:limit]
-    ]
-    more = len(rows) > limit
-    return ProblemPage(problems, encode_cursor(rows[limit - 1]["id"]) if more else None)
+    return _rows.problem_page(rows, limit)
 
 
 def activity(conn: sqlite3.Connection, since: str) -> Activity:
