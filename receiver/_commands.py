@@ -112,7 +112,13 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
     )
 
     async def work(ledger: Ledger) -> int:
-        queued = await ledger.replay(asked.since, asked.types, asked.endpoint)
+        bar = Progress()
+
+        def progress(done: int, total: int) -> None:
+            bar.show(done, total, "of the outbox replayed")
+
+        queued = await ledger.replay(asked.since, asked.types, asked.endpoint, progress)
+        bar.close()
         print(f"queued {queued} event deliveries written since {asked.since}")
         return 0
 

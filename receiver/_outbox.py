@@ -9,7 +9,7 @@ its own claim.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from receiver import _rows
@@ -32,6 +32,8 @@ __all__ = [
     "MARK_GONE",
     "PUSH_BACK",
     "REPLAY",
+    "REPLAY_IDS",
+    "REPLAY_SPAN",
     "SETTLE",
     "TASK",
     "UNDELIVERED",
@@ -41,6 +43,7 @@ __all__ = [
     "log_entries",
     "page_query",
     "rendered",
+    "replay_in_spans",
 ]
 
 INSERT_EVENT = """INSERT INTO outbox (msg_id, type, task_id, body, created_at)
@@ -87,7 +90,7 @@ REPLAY = """INSERT INTO event_deliveries (event_pk, endpoint, task_id, state, ne
                                            created_at, updated_at)
             SELECT o.id, e.url, o.task_id, 'pending', :now, :now, :now
             FROM outbox AS o, event_endpoints AS e
-            WHERE o.created_at >= :since AND e.active = 1
+            WHERE o.id > :after AND o.id <= :upto AND o.created_at >= :since AND e.active = 1
               AND (CAST(:endpoint AS TEXT) IS NULL OR e.url = :endpoint) {types}
             ORDER BY o.id"""
 # A replayed event still waiting for a retry to the endpoint is due now as well: its copy
@@ -96,8 +99,13 @@ REPLAY = """INSERT INTO event_deliveries (event_pk, endpoint, task_id, state, ne
 DUE_NOW = """UPDATE event_deliveries SET next_attempt_at = :now, updated_at = :now
              WHERE state = 'pending' AND next_attempt_at > :now
                AND (CAST(:endpoint AS TEXT) IS NULL OR endpoint = :endpoint)
+               AND event_pk > :after AND event_pk <= :upto
                AND event_pk IN (SELECT o.id FROM outbox AS o
-                                WHERE o.created_at >= :since {types})"""
+                                WHERE o.id > :after AND o.id <= :upto
+                                  AND o.created_at >= :since {types})"""
+# The outbox ids a replay since a time covers: it goes through them a span at a time.
+REPLAY_SPAN = "SELECT min(id) AS first, max(id) AS last FROM outbox WHERE created_at >= :since"
+REPLAY_IDS = 5000  # outbox ids replayed in one transaction: the writer is free between them
 TAKE_BACK = """UPDATE event_endpoints SET gone_at = NULL
                WHERE active = 1 AND (CAST(:endpoint AS TEXT) IS NULL OR url = :endpoint)"""
 # Unstored files of tasks created before the horizon, not warned of yet.
@@ -242,3 +250,27 @@ def log_entries(
         }
         for row in deliveries
     ]
+
+
+async def replay_in_spans(
+    span: Callable[[], Awaitable[tuple[int | None, int | None]]],
+    replay: Callable[[int, int], Awaitable[int]],
+    take_back: Callable[[], Awaitable[None]],
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """`EventOutbox.replay`, the same for both backends: the outbox ids since the time
+    (`span`), replayed REPLAY_IDS at a time, each span in a transaction of its own (a
+    replay of days of events holds the writer a moment at a time, not for seconds), then
+    the endpoints taken back. `progress(done, total)` hears of each span, in ids."""
+    first, last = await span()
+    queued = 0
+    if first is not None and last is not None:
+        after = first - 1
+        while after < last:
+            upto = min(after + REPLAY_IDS, last)
+            queued += await replay(after, upto)
+            after = upto
+            if progress is not None:
+                progress(after - first + 1, last - first + 1)
+    await take_back()
+    return queued

@@ -18,7 +18,7 @@ import hashlib
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -514,11 +514,20 @@ class EventOutbox(Protocol):
         """An event with its deliveries and their attempts; None for an unknown event."""
         ...
 
-    async def replay(self, since: str, types: list[str], endpoint: str | None) -> int:
+    async def replay(
+        self,
+        since: str,
+        types: list[str],
+        endpoint: str | None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
         """Send again events written since `since` (of `types`, when given) to `endpoint` (or
         every endpoint): new deliveries, same `webhook-id`. Those of these events still
         waiting for a retry are due now too (their copies go after them). Replaying to an
-        endpoint that answered 410 takes it back. Returns the deliveries queued."""
+        endpoint that answered 410 takes it back. Returns the deliveries queued.
+
+        Long replays go a span of the outbox at a time: `progress(done, total)` hears of each.
+        """
         ...
 
     async def warn_expiring(self, created_before: float, limit: int) -> int:

@@ -23,6 +23,7 @@ from psycopg.rows import dict_row
 
 from receiver import _rows
 from receiver._clock import utc_in, utc_now
+from receiver._outbox import replay_in_spans
 from receiver._postgres import outbox, tasks, text
 from receiver._postgres.schema import MIGRATIONS, migrate
 from receiver.ledger import (
@@ -673,8 +674,21 @@ class PostgresLedger:
     async def delivery_log(self, msg_id: str) -> DeliveryLog | None:
         return await self._run(lambda conn: outbox.delivery_log(conn, msg_id))
 
-    async def replay(self, since: str, types: list[str], endpoint: str | None) -> int:
-        return await self._run(lambda conn: outbox.replay(conn, since, types, endpoint))
+    async def replay(
+        self,
+        since: str,
+        types: list[str],
+        endpoint: str | None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        return await replay_in_spans(
+            lambda: self._run(lambda conn: outbox.replay_span(conn, since)),
+            lambda after, upto: self._run(
+                lambda conn: outbox.replay(conn, since, types, endpoint, after, upto)
+            ),
+            lambda: self._run(lambda conn: outbox.take_back(conn, endpoint)),
+            progress,
+        )
 
     async def warn_expiring(self, created_before: float, limit: int) -> int:
         return await self._run(lambda conn: outbox.warn_expiring(conn, created_before, limit))

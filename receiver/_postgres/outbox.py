@@ -25,8 +25,10 @@ __all__ = [
     "events",
     "record",
     "replay",
+    "replay_span",
     "set_endpoints",
     "settle",
+    "take_back",
     "undelivered",
     "warn_expiring",
 ]
@@ -54,6 +56,7 @@ _LOG_ATTEMPT = _pg(sql.LOG_ATTEMPT)
 _MARK_GONE = _pg(sql.MARK_GONE)
 _PUSH_BACK = _pg(sql.PUSH_BACK)
 _TAKE_BACK = _pg(sql.TAKE_BACK)
+_REPLAY_SPAN = _pg(sql.REPLAY_SPAN)
 _EXPIRING = _pg(sql.EXPIRING)
 _DELIVERIES = _pg(sql.DELIVERIES)
 _ATTEMPTS = _pg(sql.ATTEMPTS)
@@ -149,14 +152,27 @@ async def delivery_log(conn: Conn, msg_id: str) -> DeliveryLog | None:
     return DeliveryLog(sql.event(row), sql.log_entries(deliveries, attempts))
 
 
-async def replay(conn: Conn, since: str, types: list[str], endpoint: str | None) -> int:
+async def replay_span(conn: Conn, since: str) -> tuple[int | None, int | None]:
+    cur = await conn.execute(_REPLAY_SPAN, {"since": since})
+    row = await cur.fetchone()
+    assert row is not None
+    return row["first"], row["last"]
+
+
+async def replay(
+    conn: Conn, since: str, types: list[str], endpoint: str | None, after: int, upto: int
+) -> int:
+    """Replay the events among outbox ids `after` < id <= `upto` (see `sql.replay_in_spans`)."""
     query, due_now, names = sql.replay_query(types)
     params = {"since": since, "endpoint": endpoint, "now": utc_now(), **names}
+    params |= {"after": after, "upto": upto}
     await conn.execute(_pg(due_now), params)
     cur = await conn.execute(_pg(query), params)
-    queued = max(cur.rowcount, 0)
+    return max(cur.rowcount, 0)
+
+
+async def take_back(conn: Conn, endpoint: str | None) -> None:
     await conn.execute(_TAKE_BACK, {"endpoint": endpoint})
-    return queued
 
 
 async def warn_expiring(conn: Conn, created_before: float, limit: int) -> int:

@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from receiver import _rows
 from receiver._clock import utc_in, utc_now
+from receiver._outbox import replay_in_spans
 from receiver._sqlite import assets, dashboard, outbox, polls, tasks
 from receiver._sqlite.engine import Engine
 from receiver._sqlite.schema import MIGRATIONS
@@ -244,8 +246,21 @@ class SQLiteLedger(Engine):
     async def delivery_log(self, msg_id: str) -> DeliveryLog | None:
         return await self.read(lambda conn: outbox.delivery_log(conn, msg_id))
 
-    async def replay(self, since: str, types: list[str], endpoint: str | None) -> int:
-        return await self.write(lambda conn: outbox.replay(conn, since, types, endpoint))
+    async def replay(
+        self,
+        since: str,
+        types: list[str],
+        endpoint: str | None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        return await replay_in_spans(
+            lambda: self.read(lambda conn: outbox.replay_span(conn, since)),
+            lambda after, upto: self.write(
+                lambda conn: outbox.replay(conn, since, types, endpoint, after, upto)
+            ),
+            lambda: self.write(lambda conn: outbox.take_back(conn, endpoint)),
+            progress,
+        )
 
     async def warn_expiring(self, created_before: float, limit: int) -> int:
         return await self.write(lambda conn: outbox.warn_expiring(conn, created_before, limit))

@@ -18,8 +18,10 @@ __all__ = [
     "events",
     "record",
     "replay",
+    "replay_span",
     "set_endpoints",
     "settle",
+    "take_back",
     "undelivered",
     "warn_expiring",
 ]
@@ -123,13 +125,30 @@ def delivery_log(conn: sqlite3.Connection, msg_id: str) -> DeliveryLog | None:
     return DeliveryLog(sql.event(row), sql.log_entries(deliveries, attempts))
 
 
-def replay(conn: sqlite3.Connection, since: str, types: list[str], endpoint: str | None) -> int:
+def replay_span(conn: sqlite3.Connection, since: str) -> tuple[int | None, int | None]:
+    first, last = conn.execute(sql.REPLAY_SPAN, {"since": since}).fetchone()
+    return first, last
+
+
+def replay(
+    conn: sqlite3.Connection,
+    since: str,
+    types: list[str],
+    endpoint: str | None,
+    after: int,
+    upto: int,
+) -> int:
+    """Replay the events among outbox ids `after` < id <= `upto` (see `sql.replay_in_spans`)."""
     query, due_now, names = sql.replay_query(types)
     params = {"since": since, "endpoint": endpoint, "now": utc_now(), **names}
+    params |= {"after": after, "upto": upto}
     conn.execute(due_now, params)
-    queued = conn.execute(query, params).rowcount
-    conn.execute(sql.TAKE_BACK, {"endpoint": endpoint})
+    queued: int = conn.execute(query, params).rowcount
     return queued
+
+
+def take_back(conn: sqlite3.Connection, endpoint: str | None) -> None:
+    conn.execute(sql.TAKE_BACK, {"endpoint": endpoint})
 
 
 def warn_expiring(conn: sqlite3.Connection, created_before: float, limit: int) -> int:

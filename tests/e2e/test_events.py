@@ -398,3 +398,26 @@ def test_a_replay_sends_an_event_waiting_for_its_retry_at_once(
     retried, replayed = response.json()["deliveries"]
     assert [a["status"] for a in retried["log"]] == [500, 200]
     assert [a["status"] for a in replayed["log"]] == [200]
+
+
+def test_the_replay_command_sends_past_events_again(
+    spawn: Callable[..., Service], receiver: EventReceiver, media: MediaServer
+) -> None:
+    """`kling-receiver events replay --since 1h --type task.updated` queues the task's
+    events of that type again, each delivered a second time under its own webhook-id; a
+    start that is not a time is refused and queues nothing."""
+    receiver.answer(200)
+    service = spawn()
+    run_task(service, media, "evcli")
+    events = outbox(service, "evcli")
+    wait_for(lambda: all_delivered(events)(receiver), "the first deliveries")
+
+    bad = service.cli("events", "replay", "--since", "yesterday")
+    assert bad.returncode == 2 and "since must be a time" in bad.stderr
+    done = service.cli("events", "replay", "--since", "1h", "--type", "task.updated")
+    assert done.returncode == 0, done.stderr
+    updated = [e for e in events if e["type"] == "task.updated"]
+    assert done.stdout.startswith(f"queued {len(updated)} event deliveries written since ")
+    wait_for(lambda: len(receiver.delivered()) == len(events) + len(updated), "the replayed events")
+    again = [r.msg_id for r in receiver.delivered()[len(events) :]]
+    assert again == [e["msg_id"] for e in sorted(updated, key=lambda e: e["seq"])]

@@ -245,6 +245,33 @@ async def test_a_replay_makes_an_event_waiting_for_a_retry_due_now(ledger: Ledge
     assert sent[0] == job.event.msg_id
 
 
+async def test_a_long_replay_goes_a_span_at_a_time_in_order(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spans of two outbox ids: every event replayed once, in order, progress told of each
+    span; the replayed copies go one after the other, as the events first did."""
+    monkeypatch.setattr("receiver._outbox.REPLAY_IDS", 2)
+    await ledger.set_endpoints([A])
+    await lifecycle(ledger)
+    await store_all(ledger)
+    first = []
+    while batch := await ledger.claim_deliveries("d", 60, 10):
+        for job in batch:
+            first.append(job.event.msg_id)
+            await ledger.settle_delivery(job.id, "d", delivered())
+    heard: list[tuple[int, int]] = []
+    since = "1970-01-01T00:00:00.000Z"
+    queued = await ledger.replay(since, [], None, lambda done, total: heard.append((done, total)))
+    assert queued == 5
+    assert heard == [(2, 5), (4, 5), (5, 5)]
+    again = []
+    while batch := await ledger.claim_deliveries("d", 60, 10):
+        for job in batch:
+            again.append(job.event.msg_id)
+            await ledger.settle_delivery(job.id, "d", delivered())
+    assert again == first
+
+
 async def test_events_page_both_ways_and_filter(ledger: Ledger) -> None:
     await lifecycle(ledger)
     await ledger.apply(update(succeed("OTHER", images=1)))
