@@ -2,42 +2,35 @@
 
 A person wiring Kling up sees the whole flow without Kling: a callback in either body
 standard, to a callback URL signed with this service's CALLBACK_SECRET (and with a
-Standard Webhooks signature when KLING_WEBHOOK_SECRET is set), for files served by a
-small sample server of this process (or at URLs given), then the task followed through
-the API until its files are stored.
+Standard Webhooks signature when KLING_WEBHOOK_SECRET is set), for the sample files the
+service serves itself (`receiver.samples`) or files at URLs given, then the task
+followed through the API until its files are stored.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
 from receiver import tokens
+from receiver.samples import SAMPLES, SAMPLES_PATH
 from receiver.settings import Settings
 from receiver.webhooks import WebhookKey
 
-__all__ = ["KINDS", "STATUSES", "SampleServer", "TriggerError", "callback_body", "trigger"]
+__all__ = ["KINDS", "STATUSES", "TriggerError", "callback_body", "trigger"]
 
-KINDS = ("video", "image", "audio")
+KINDS = tuple(SAMPLES)
 STATUSES = ("submitted", "processing", "succeed", "succeeded", "failed")
 DEFAULT_ACTIONS = {"old": "videos/text2video", "new": "text-to-video/kling-2.6"}
-# The sample files, by kind (audio has both of the current standard's variants).
-_SAMPLES = {
-    "video": [("sample.mp4", "video/mp4")],
-    "image": [("sample.png", "image/png")],
-    "audio": [("sample.mp3", "audio/mpeg"), ("sample.wav", "audio/wav")],
-}
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 _AUDIO_SUFFIXES = (".mp3", ".wav", ".m4a", ".aac", ".flac", ".ogg")
 
@@ -119,63 +112,6 @@ def callback_body(
     }
 
 
-class SampleServer:
-    """The sample files over HTTP on 127.0.0.1, each at an unguessable path, GET and HEAD."""
-
-    def __init__(self) -> None:
-        self.token = secrets.token_urlsafe(12)
-        self._files = {
-            name: (resources.files("receiver.samples").joinpath(name).read_bytes(), ctype)
-            for samples in _SAMPLES.values()
-            for name, ctype in samples
-        }
-        self.fetched: list[str] = []
-        self.port = 0
-
-    def files(self, kinds: list[str]) -> list[File]:
-        return [
-            File(kind, f"http://127.0.0.1:{self.port}/{self.token}/{name}")
-            for kind in kinds
-            for name, _ in _SAMPLES[kind]
-        ]
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[SampleServer]:
-        server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        try:
-            yield self
-        finally:
-            server.close()
-            await server.wait_closed()
-
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(30):
-                head = await reader.readuntil(b"\r\n\r\n")
-            method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-            _, token, name = [*target.split("?", 1)[0].split("/", 2), "", ""][:3]
-            found = self._files.get(name) if secrets.compare_digest(token, self.token) else None
-            if found is None or method not in ("GET", "HEAD"):
-                writer.write(
-                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                )
-            else:
-                data, ctype = found
-                writer.write(
-                    f"HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ncontent-length: {len(data)}\r\n"
-                    "connection: close\r\n\r\n".encode()
-                )
-                if method == "GET":
-                    writer.write(data)
-                    self.fetched.append(name)
-            await writer.drain()
-        except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError):
-            pass  # a broken request gets nothing more; the service retries its download
-        finally:
-            writer.close()
-
-
 @dataclass
 class Request:
     status: str
@@ -207,11 +143,14 @@ async def trigger(settings: Settings, request: Request, say: Callable[[str], Non
         settings.secret("callback_secret"), tokens.task_ref(external_id), request.action
     )
     with_files = status == _spelled("succeed", request.body_format)
-    samples = SampleServer()
-    async with samples.running(), httpx.AsyncClient(trust_env=False, timeout=10) as client:
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
         files = [File(kind_of(url), url) for url in request.urls]
         if with_files and not files:
-            files = samples.files(request.kinds)
+            files = [
+                File(kind, f"{base}{SAMPLES_PATH}{name}")
+                for kind in request.kinds
+                for name in SAMPLES[kind]
+            ]
         body = json.dumps(
             callback_body(
                 request.body_format, status, task_id, external_id, files if with_files else []
@@ -273,13 +212,13 @@ async def _follow(
                     say(f"  {asset['kind']:<6} {asset['size']:>9} bytes  {asset['location']}")
                 return 0
             errors = [a["error"] for a in assets if a["error"]]
-            if any("ALLOW_PRIVATE_DOWNLOADS" in e for e in errors):
+            if errors and any(a["state"] == "failed" for a in assets):
                 if interactive:
                     print(file=sys.stderr)
                 raise TriggerError(
-                    "the service refuses to download from 127.0.0.1, where the sample files "
-                    "are: start it with ALLOW_PRIVATE_DOWNLOADS=true (on a machine of your "
-                    "own), or give files the service can reach with --url"
+                    f"the service could not store the files: {errors[0]} (it fetches samples "
+                    f"from its own PUBLIC_URL, {base}; --to names it, or --url gives files "
+                    "it can reach)"
                 )
         await asyncio.sleep(0.5)
     if interactive:

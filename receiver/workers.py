@@ -21,6 +21,7 @@ from receiver._clock import parse_time, utc_in, utc_now
 from receiver.ledger import AssetJob, AssetQueue, AssetResult, LedgerUnavailable, lease_owner
 from receiver.metrics import Metrics
 from receiver.models import AssetKind, AssetState
+from receiver.samples import SAMPLES_PATH
 from receiver.settings import Settings
 from storage import (
     Fetched,
@@ -409,7 +410,11 @@ def downloader_for(
     return Downloader(
         ledger=ledger,
         sink=sink or sink_for(settings),
-        policy=UrlPolicy(settings.allow_private_downloads, settings.allowed_hosts),
+        policy=UrlPolicy(
+            settings.allow_private_downloads,
+            settings.allowed_hosts,
+            own_samples=settings.public_url + SAMPLES_PATH,
+        ),
         limits=Limits(
             max_bytes=settings.max_asset_bytes,
             read_timeout=settings.download_read_timeout,

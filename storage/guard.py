@@ -92,6 +92,18 @@ class UrlPolicy:
     allow_private: bool = False
     allowed_hosts: tuple[str, ...] = ()
     allow_setting: str = "ALLOW_PRIVATE_DOWNLOADS"  # what a refusal tells people to set
+    # The service's own sample files (PUBLIC_URL + /samples/): fetched wherever that
+    # address is, since they are this service's bytes, not a peer's.
+    own_samples: str = ""
+
+    def _own_sample(self, url: str, parts: SplitResult) -> bool:
+        # No dot segments or escapes, so the path fetched is the path checked.
+        path = parts.path
+        return (
+            bool(self.own_samples)
+            and url.startswith(self.own_samples)
+            and not any(mark in path for mark in ("..", "%", "\\"))
+        )
 
     def check_form(self, url: str) -> SplitResult:
         """The URL's parts, or `RefusedURL` for anything but plain http(s) to an allowed host."""
@@ -109,8 +121,12 @@ class UrlPolicy:
             raise RefusedURL(url, "the URL has no host")
         if port == 0:
             raise RefusedURL(url, "port 0 is not a place to download from")
-        if self.allowed_hosts and not any(
-            host == suffix or host.endswith("." + suffix) for suffix in self.allowed_hosts
+        if (
+            self.allowed_hosts
+            and not self._own_sample(url, parts)
+            and not any(
+                host == suffix or host.endswith("." + suffix) for suffix in self.allowed_hosts
+            )
         ):
             raise RefusedURL(url, f"host {host} is not in DOWNLOAD_ALLOWED_HOSTS")
         return parts
@@ -141,7 +157,8 @@ class UrlPolicy:
                     f"host {host} resolves to {address}, a link-local or cloud metadata address, "
                     "which is never downloaded from",
                 )
-            if not self.allow_private and not is_public_address(address):
+            private_ok = self.allow_private or self._own_sample(url, parts)
+            if not private_ok and not is_public_address(address):
                 raise RefusedURL(
                     url,
                     f"host {host} resolves to {address}, which is not a public address "

@@ -1,16 +1,16 @@
 """`kling-receiver trigger` against the real service: sample callbacks in both standards,
-their files served by the command's own sample server, followed until archived."""
+for the sample files the service serves itself, followed until archived."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
 import httpx
 import pytest
 
+from receiver.samples import sample_bytes
 from receiver.shapes import parse_task
 from receiver.trigger import File, callback_body
 from tests.support import Service
@@ -21,7 +21,9 @@ SIGNING = "whsec_dGVzdHNlY3JldHRlc3RzZWNyZXR0ZXN0c2VjcmV0MTI="
 
 
 def sample(name: str) -> bytes:
-    return resources.files("receiver.samples").joinpath(name).read_bytes()
+    found = sample_bytes(name)
+    assert found is not None
+    return found[0]
 
 
 @pytest.mark.parametrize(
@@ -34,15 +36,10 @@ def sample(name: str) -> bytes:
 def test_a_sample_success_ends_archived_with_the_sample_files(
     services: Callable[..., Service], body_format: str, kinds: str, stored: set[str]
 ) -> None:
-    """The command exits 0 once the task is archived; every file stored is a sample,
-    byte for byte, and the body was signed (the service verifies with the same key)."""
-    service = services(
-        env={
-            "ALLOW_PRIVATE_DOWNLOADS": "true",
-            "KLING_WEBHOOK_SECRET": SIGNING,
-            "DOWNLOAD_CONCURRENCY": "2",
-        }
-    )
+    """Against a service on its defaults (private addresses refused), the command exits 0
+    once the task is archived; every file stored is a sample, byte for byte, fetched from
+    the service's own /samples/; the body was signed (the service verifies, same key)."""
+    service = services(env={"KLING_WEBHOOK_SECRET": SIGNING, "DOWNLOAD_CONCURRENCY": "2"})
     done = service.cli("trigger", "succeed", "--with", kinds, "--format", body_format, timeout=90)
     assert done.returncode == 0, done.stdout + done.stderr
     task_id = done.stdout.split("for task ")[1].split(":")[0]
@@ -69,15 +66,23 @@ def test_a_series_of_statuses_moves_one_task(services: Callable[..., Service]) -
     assert task["status_msg"].startswith("Sample failure")
 
 
-def test_a_service_that_refuses_loopback_files_is_explained(
-    services: Callable[..., Service],
-) -> None:
-    """Without ALLOW_PRIVATE_DOWNLOADS the service refuses the sample server's address: the
-    command says so and what to do, rather than waiting out its time."""
+def test_files_the_service_refuses_are_explained(services: Callable[..., Service]) -> None:
+    """A --url on a private address is refused by the service's download policy: the
+    command says the files could not be stored and why, rather than waiting out its time."""
     service = services(env={"DOWNLOAD_CONCURRENCY": "2"})
-    done = service.cli("trigger", "succeed", "--wait", "60", timeout=90)
+    private = "http://10.1.2.3/clip.mp4"
+    done = service.cli("trigger", "succeed", "--url", private, "--wait", "60", timeout=90)
     assert done.returncode == 1
-    assert "ALLOW_PRIVATE_DOWNLOADS=true" in done.stderr and "--url" in done.stderr
+    assert "could not store the files" in done.stderr and "not a public address" in done.stderr
+
+
+def test_the_samples_are_served_to_anyone(services: Callable[..., Service]) -> None:
+    service = services()
+    answer = httpx.get(f"{service.base_url}/samples/sample.png", trust_env=False)
+    assert answer.status_code == 200 and answer.content == sample("sample.png")
+    assert answer.headers["content-type"] == "image/png"
+    missing = httpx.get(f"{service.base_url}/samples/secrets.json", trust_env=False)
+    assert missing.status_code == 404
 
 
 @pytest.mark.parametrize(

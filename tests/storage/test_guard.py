@@ -199,3 +199,29 @@ def test_allowed_hosts_are_checked_before_resolving() -> None:
     policy = UrlPolicy(allow_private=True, allowed_hosts=("klingai.com",))
     with pytest.raises(RefusedURL, match="not in DOWNLOAD_ALLOWED_HOSTS"):
         policy.resolve("http://localhost/v.mp4")
+
+
+OWN = "http://127.0.0.1:8000/samples/"
+
+
+@pytest.mark.parametrize("url", [OWN + "sample.mp4", OWN + "sample.png?x=1"])
+def test_the_service_s_own_samples_pass_on_a_private_address(url: str) -> None:
+    policy = UrlPolicy(allowed_hosts=("cdn.klingai.com",), own_samples=OWN)
+    assert policy.resolve(url).addresses == ("127.0.0.1",)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8000/api/tasks",  # the same origin, not the samples
+        "http://127.0.0.1:8001/samples/sample.mp4",  # another port
+        "http://127.0.0.1:8000/samples/../api/tasks",
+        "http://127.0.0.1:8000/samples/%2e%2e/api/tasks",
+        "http://127.0.0.1:8000/samples/..\\api",
+        "http://127.0.0.1:8000/samplesX/sample.mp4",
+    ],
+)
+def test_nothing_else_of_the_service_s_address_passes(url: str) -> None:
+    with pytest.raises(RefusedURL) as refused:
+        UrlPolicy(own_samples=OWN).resolve(url)
+    assert "not a public address" in refused.value.reason
