@@ -244,9 +244,13 @@ def test_without_the_token_nothing_is_shown(page: Page, service: Service) -> Non
     assert live.status == 401
 
 
-def test_a_triggered_task_is_shown_archived_with_its_previews(page: Page, service: Service) -> None:
-    """`kling-receiver trigger succeed --with video,image` against the running service ends
-    with the task archived, and its page shows both files playable and stored."""
+def test_a_triggered_task_is_shown_archived_with_its_previews(
+    page: Page, services: Callable[..., Service]
+) -> None:
+    """`kling-receiver trigger succeed --with video,image` against a service on its defaults
+    (its own download workers, private addresses refused) ends with the task archived, and
+    its page shows both files playable and stored."""
+    service = services(env={"DOWNLOAD_CONCURRENCY": "4"})  # the tests' services start at 0
     done = service.cli("trigger", "succeed", "--with", "video,image", timeout=90)
     assert done.returncode == 0, done.stdout + done.stderr
     task_id = done.stdout.split("for task ")[1].split(":")[0]
