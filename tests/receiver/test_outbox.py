@@ -53,6 +53,17 @@ async def store_all(ledger: Ledger, owner: str = "w") -> None:
         assert await ledger.settle_asset(job.asset_id, owner, result)
 
 
+async def send_all(ledger: Ledger) -> list[str]:
+    """Claim and deliver whatever is due, as a dispatcher would, until nothing is: the
+    webhook-ids in the order they were sent."""
+    sent = []
+    while batch := await ledger.claim_deliveries("d", 60, 10):
+        for job in batch:
+            sent.append(job.event.msg_id)
+            await ledger.settle_delivery(job.id, "d", delivered())
+    return sent
+
+
 def delivered(at: str | None = None) -> DeliveryAttempt:
     return DeliveryAttempt("delivered", at or utc_now(), 1.0, 200)
 
@@ -208,21 +219,13 @@ async def test_replay_sends_the_same_events_again_under_the_same_ids(ledger: Led
     await ledger.set_endpoints([A])
     await lifecycle(ledger)
     await store_all(ledger)
-    first = []
-    while batch := await ledger.claim_deliveries("d", 60, 10):
-        for job in batch:
-            first.append(job.event.msg_id)
-            await ledger.settle_delivery(job.id, "d", delivered())
+    first = await send_all(ledger)
     assert len(first) == 5
     assert (
         await ledger.replay("1970-01-01T00:00:00.000Z", ["asset.stored", "task.archived"], A) == 2
     )
     assert await ledger.replay("9999-01-01T00:00:00.000Z", [], None) == 0
-    again = []
-    while batch := await ledger.claim_deliveries("d", 60, 10):
-        for job in batch:
-            again.append(job.event.msg_id)
-            await ledger.settle_delivery(job.id, "d", delivered())
+    again = await send_all(ledger)
     assert again == first[3:]
 
 
@@ -235,11 +238,7 @@ async def test_a_replay_makes_an_event_waiting_for_a_retry_due_now(ledger: Ledge
     assert await ledger.claim_deliveries("d", 60, 10) == []
     assert await ledger.replay("1970-01-01T00:00:00.000Z", [], None) == 3
     # Not ten hours from now: each event goes at once, and its replayed copy after it.
-    sent = []
-    while batch := await ledger.claim_deliveries("d", 60, 10):
-        for j in batch:
-            sent.append(j.event.msg_id)
-            await ledger.settle_delivery(j.id, "d", delivered())
+    sent = await send_all(ledger)
     events = [e.msg_id for e in await ledger.outbound_events(after=0)]
     assert sent == [msg_id for msg_id in events for _ in (1, 2)]
     assert sent[0] == job.event.msg_id
@@ -254,21 +253,13 @@ async def test_a_long_replay_goes_a_span_at_a_time_in_order(
     await ledger.set_endpoints([A])
     await lifecycle(ledger)
     await store_all(ledger)
-    first = []
-    while batch := await ledger.claim_deliveries("d", 60, 10):
-        for job in batch:
-            first.append(job.event.msg_id)
-            await ledger.settle_delivery(job.id, "d", delivered())
+    first = await send_all(ledger)
     heard: list[tuple[int, int]] = []
     since = "1970-01-01T00:00:00.000Z"
     queued = await ledger.replay(since, [], None, lambda done, total: heard.append((done, total)))
     assert queued == 5
     assert heard == [(2, 5), (4, 5), (5, 5)]
-    again = []
-    while batch := await ledger.claim_deliveries("d", 60, 10):
-        for job in batch:
-            again.append(job.event.msg_id)
-            await ledger.settle_delivery(job.id, "d", delivered())
+    again = await send_all(ledger)
     assert again == first
 
 
