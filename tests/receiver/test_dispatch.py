@@ -53,18 +53,6 @@ ATTEMPTS = "kling_receiver_event_attempts_total"
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-async def ledger(ledger_url: str) -> AsyncIterator[Ledger]:
-    """A fresh ledger on each backend."""
-    async with open_ledger(ledger_url) as opened:
-        yield opened
-
-
-@pytest.fixture
 async def sqlite_ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
     """A fresh SQLite ledger, for what the backend does not change."""
     async with open_ledger(f"sqlite:///{tmp_path}/ledger.db") as opened:

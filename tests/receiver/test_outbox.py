@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from receiver._clock import utc_in, utc_now
-from receiver.database import open_ledger
 from receiver.ledger import AssetResult, DeliveryAttempt, Ledger
 from receiver.models import AssetState
 from tests.receiver.test_ledger import T2V_ID, T2V_REF, body, succeed, update
@@ -22,17 +20,6 @@ from tests.support import fixture_bytes
 pytestmark = pytest.mark.anyio
 
 A, B = "https://a.example/hook", "https://b.example/hook"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-async def ledger(ledger_url: str) -> AsyncIterator[Ledger]:
-    async with open_ledger(ledger_url) as opened:
-        yield opened
 
 
 async def lifecycle(ledger: Ledger) -> None:
