@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import math
 import time
 from datetime import datetime
 
-__all__ = ["age_seconds", "epoch_now", "parse_time", "stamp", "utc_in", "utc_now"]
+__all__ = [
+    "age_seconds",
+    "epoch_now",
+    "parse_time",
+    "stamp",
+    "utc_in",
+    "utc_now",
+    "wait_for_event",
+]
 
 
 def utc_now() -> str:
@@ -67,3 +77,15 @@ def age_seconds(text: str) -> int | None:
     if unit not in _AGE_UNITS or not (number.isascii() and number.isdigit()) or len(number) > 6:
         return None
     return int(number) * _AGE_UNITS[unit]
+
+
+async def wait_for_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait until `event` is set or `seconds` have passed; True if it was set.
+
+    Not `asyncio.wait_for`: before Python 3.12 it can swallow a cancellation that arrives
+    as the event is set, and a loop waiting with it would then never stop.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    return event.is_set()

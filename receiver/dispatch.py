@@ -13,14 +13,13 @@ its queue waits for a replay to it); anything else is tried again on the schedul
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 
 import httpx
 
-from receiver._clock import stamp, utc_now
+from receiver._clock import stamp, utc_now, wait_for_event
 from receiver._redact import redact_url
 from receiver.events import next_delay
 from receiver.ledger import (
@@ -93,8 +92,7 @@ class Dispatcher:
                     jobs = []
                 if not jobs:
                     # A delivery ending may free its task's next event: look again at once.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(done.wait(), self.idle)
+                    await wait_for_event(done, self.idle)
                     continue
                 for job in jobs:
                     client = clients.get(job.endpoint)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from receiver._clock import parse_time, utc_now
+from receiver._clock import parse_time, utc_now, wait_for_event
 from receiver.kling import KlingAPIError, KlingClient, KlingError
 from receiver.ledger import Ledger, Outcome, PollJob, Submission, Update
 from receiver.metrics import Metrics
@@ -105,10 +105,7 @@ class Poller:
                 jobs = []
             if not jobs:
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_tick_seconds)
-                except TimeoutError:
-                    pass
+                await wait_for_event(self._wake, self.settings.poll_tick_seconds)
 
     def interval(self, quiet_polls: int) -> float:
         """The wait before the next query, growing while queries bring nothing new."""

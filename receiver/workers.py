@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from receiver._clock import parse_time, utc_in, utc_now
+from receiver._clock import parse_time, utc_in, utc_now, wait_for_event
 from receiver.ledger import AssetJob, AssetQueue, AssetResult, LedgerUnavailable, lease_owner
 from receiver.metrics import Metrics
 from receiver.models import AssetKind, AssetState
@@ -183,10 +183,7 @@ class Downloader:
                 job = None
             if job is None:
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.idle_seconds)
-                except TimeoutError:
-                    pass
+                await wait_for_event(self._wake, self.idle_seconds)
                 continue
             await self.process(job)
 

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from receiver._clock import parse_time
+from receiver._clock import parse_time, wait_for_event
 from receiver.events import EVENT_TYPES, BadReplay, replay_request
 from receiver.ledger import EventOutbox, OutboundEvent
 from receiver.routes._responses import JSON, BadQuery, error, page_limit
@@ -151,10 +151,7 @@ async def _frames(
             quiet_since = time.monotonic()
             yield b": keep-alive\n\n"
         # Wakes at once on shutdown, so an open stream does not hold the server's exit.
-        try:
-            await asyncio.wait_for(stopping.wait(), STREAM_POLL)
-        except TimeoutError:
-            pass
+        await wait_for_event(stopping, STREAM_POLL)
 
 
 def _gap_closed(event: OutboundEvent, seen: float | None) -> bool:

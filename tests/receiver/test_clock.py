@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from receiver._clock import parse_time, stamp, utc_in, utc_now
+from receiver._clock import parse_time, stamp, utc_in, utc_now, wait_for_event
 
 
 # From 1900 (gmtime and strftime pad years from 1000 on only) to the end of year 9999.
@@ -36,3 +38,21 @@ def test_far_off_times_are_written_at_the_ends_of_the_range() -> None:
     assert utc_in(1e20) == utc_in(float("inf")) == stamp(float("nan")) == last
     assert stamp(1e300) == last and utc_now() < last
     assert utc_in(-1e20) == stamp(float("-inf")) == "1900-01-01T00:00:00.000Z"
+
+
+def test_a_wait_for_an_event_is_cancelled_even_as_the_event_is_set() -> None:
+    """A cancellation that arrives as the event is set still cancels the waiter (which
+    asyncio.wait_for before Python 3.12 can swallow, leaving a loop that never stops)."""
+
+    async def main() -> None:
+        event = asyncio.Event()
+        waiter = asyncio.create_task(wait_for_event(event, 10))
+        await asyncio.sleep(0)  # the waiter is now waiting
+        event.set()
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert await wait_for_event(event, 10) is True
+        assert await wait_for_event(asyncio.Event(), 0.01) is False
+
+    asyncio.run(main())
