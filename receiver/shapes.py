@@ -39,7 +39,7 @@ from receiver.models import (
     PayloadError,
 )
 
-__all__ = ["parse_task"]
+__all__ = ["kind_by_suffix", "parse_task"]
 
 # Times in this range are seconds since 1970 (2001 to 5138); as ms they would fall in 1970-73.
 _SECONDS_FROM, _SECONDS_TO = 10**9, 10**11
@@ -230,13 +230,15 @@ class _UnifiedTask(_Lenient):
         """The one file, of the kind its URL's suffix suggests (a video when it says nothing)."""
         if self.url is None:
             return []
-        suffix = urlsplit(self.url).path.lower()
-        kind = AssetKind.video
-        if suffix.endswith(_IMAGE_SUFFIXES):
-            kind = AssetKind.image
-        elif suffix.endswith(_AUDIO_SUFFIXES):
-            kind = AssetKind.audio
-        return [AssetSpec(kind, 0, self.url, None)]
+        return [AssetSpec(kind_by_suffix(self.url), 0, self.url, None)]
+
+
+def kind_by_suffix(url: str) -> AssetKind:
+    """The kind of file a URL names, by its path's suffix (a video when it says nothing)."""
+    path = urlsplit(url).path.lower()
+    if path.endswith(_IMAGE_SUFFIXES):
+        return AssetKind.image
+    return AssetKind.audio if path.endswith(_AUDIO_SUFFIXES) else AssetKind.video
 
 
 def parse_task(data: Any) -> KlingTask:

@@ -24,6 +24,7 @@ import httpx
 from receiver import tokens
 from receiver.samples import SAMPLES, SAMPLES_PATH
 from receiver.settings import Settings
+from receiver.shapes import kind_by_suffix
 from receiver.webhooks import WebhookKey
 
 __all__ = ["KINDS", "STATUSES", "TriggerError", "callback_body", "trigger"]
@@ -31,8 +32,6 @@ __all__ = ["KINDS", "STATUSES", "TriggerError", "callback_body", "trigger"]
 KINDS = tuple(SAMPLES)
 STATUSES = ("submitted", "processing", "succeed", "succeeded", "failed")
 DEFAULT_ACTIONS = {"old": "videos/text2video", "new": "text-to-video/kling-2.6"}
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
-_AUDIO_SUFFIXES = (".mp3", ".wav", ".m4a", ".aac", ".flac", ".ogg")
 
 
 class TriggerError(Exception):
@@ -43,14 +42,6 @@ class TriggerError(Exception):
 class File:
     kind: str
     url: str
-
-
-def kind_of(url: str) -> str:
-    """The kind of file a URL names, by its suffix (a video when it says nothing)."""
-    path = urlsplit(url).path.lower()
-    if path.endswith(_IMAGE_SUFFIXES):
-        return "image"
-    return "audio" if path.endswith(_AUDIO_SUFFIXES) else "video"
 
 
 def callback_body(
@@ -144,7 +135,7 @@ async def trigger(settings: Settings, request: Request, say: Callable[[str], Non
     )
     with_files = status == _spelled("succeed", request.body_format)
     async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
-        files = [File(kind_of(url), url) for url in request.urls]
+        files = [File(kind_by_suffix(url).value, url) for url in request.urls]
         if with_files and not files:
             files = [
                 File(kind, f"{base}{SAMPLES_PATH}{name}")
